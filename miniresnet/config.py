@@ -1,0 +1,91 @@
+"""Which backend new arrays are created on: ``use_backend`` and ``MINIRESNET_BACKEND``."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from miniresnet.backends import Backend, backend_of, get_backend
+
+_current: list[Backend | None] = [None]
+
+
+def current_backend() -> Backend:
+    """The backend new tensors are created on (``MINIRESNET_BACKEND``, default ``"numpy"``)."""
+    if _current[0] is None:
+        _current[0] = get_backend(os.environ.get("MINIRESNET_BACKEND", "numpy"))
+    return _current[0]
+
+
+class use_backend:
+    """Select the backend for new tensors, globally or for a ``with`` block.
+
+    Parameters
+    ----------
+    name : {"numpy", "array_api_strict", "cupy"}
+
+    Examples
+    --------
+    >>> import miniresnet as mr
+    >>> with mr.use_backend("numpy") as be:
+    ...     x = mr.tensor([1.0, 2.0])
+    >>> be.name
+    'numpy'
+
+    Calling ``mr.use_backend("numpy")`` without ``with`` switches globally. Asking for a backend
+    that cannot run here raises :class:`~miniresnet.backends.BackendUnavailable` saying why.
+    """
+
+    def __init__(self, name: str):
+        backend = get_backend(name)
+        self._previous = _current[0]
+        _current[0] = self.backend = backend
+
+    def __enter__(self) -> Backend:
+        return self.backend
+
+    def __exit__(self, *exc) -> None:
+        _current[0] = self._previous
+
+
+def _known_backend(x) -> Backend | None:
+    try:
+        return backend_of(x)
+    except TypeError:
+        return None
+
+
+def as_backend_array(data, dtype=None, backend: Backend | None = None):
+    """Convert host data (scalars, lists, NumPy arrays) to an array of ``backend`` (default: the
+    current one). An array that already belongs to a backend is kept where it is, unless
+    ``backend`` is given, in which case it is transferred."""
+    source = _known_backend(data)
+    if source is not None and (backend is None or source is backend):
+        if dtype is not None:
+            xp_dtype = source.dtype(dtype) if isinstance(dtype, str) else dtype
+            if data.dtype != xp_dtype:
+                data = source.xp.astype(data, xp_dtype)
+        return data
+    target = backend or current_backend()
+    if source is not None:
+        data = source.to_numpy(data)
+    if dtype is None:
+        data = np.asarray(data)  # Python floats become float64, NumPy arrays keep their dtype
+        dtype = str(data.dtype)
+    return target.asarray(data, dtype)
+
+
+def creation_backend(data) -> Backend:
+    """Where a new tensor made from ``data`` lives: an array of a non-NumPy backend stays on its
+    backend; host data (Python objects and NumPy arrays) goes to the current backend."""
+    source = _known_backend(data)
+    return source if source is not None and source.name != "numpy" else current_backend()
+
+
+def to_backend(x, name: str):
+    """Transfer an array or Tensor's data to backend ``name`` (returns a backend array)."""
+    from miniresnet.tracing import Tensor
+
+    raw = x.raw if isinstance(x, Tensor) else x
+    return as_backend_array(raw, backend=get_backend(name))

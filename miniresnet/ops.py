@@ -1,0 +1,497 @@
+"""Array operations on Tensors: validation, broadcasting, then a primitive.
+
+Every function accepts Tensors, backend arrays and (where it makes sense) Python scalars, and
+returns a :class:`~miniresnet.tracing.Tensor`. Bad input raises an error that names the
+operation and the shapes or dtypes involved.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Sequence
+
+from miniresnet import primitives as P
+from miniresnet.tracing import Tensor, _mixed_backends, as_tensor, bind, make
+
+_SCALARS = (bool, int, float)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _operand(x):
+    """A Tensor, or a Python scalar kept as is (it adopts the other operand's dtype)."""
+    if isinstance(x, Tensor) or isinstance(x, _SCALARS):
+        return x
+    if hasattr(x, "shape") and x.shape == () and type(x).__module__ == "numpy":
+        return x.item()  # NumPy scalar
+    return as_tensor(x)
+
+
+def _dname(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1].replace("dtype(", "").strip("')")
+
+
+def _check_dtypes(name: str, tensors) -> None:
+    if len({type(t.raw) for t in tensors}) > 1:
+        _mixed_backends(P.PRIMITIVES.get(name) or name, tensors)
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1:
+        listed = " and ".join(sorted(_dname(d) for d in dtypes))
+        raise TypeError(
+            f"{name}: operands have different dtypes ({listed}); miniresnet never up- or "
+            "down-casts silently: convert one explicitly with .astype(...)"
+        )
+
+
+def broadcast_shapes(name: str, *shapes) -> tuple[int, ...]:
+    """The shape ``shapes`` broadcast to, or a ValueError naming ``name`` and the shapes."""
+    ndim = builtins.max(len(s) for s in shapes)
+    out = []
+    for i in range(ndim):
+        dims = {s[i - ndim + len(s)] for s in shapes if i - ndim + len(s) >= 0} - {1}
+        if len(dims) > 1:
+            raise ValueError(
+                f"{name}: shapes {', '.join(map(str, shapes))} cannot be broadcast together"
+            )
+        out.append(dims.pop() if dims else 1)
+    return tuple(out)
+
+
+def _elementwise(prim, *args):
+    args = [_operand(a) for a in args]
+    tensors = [a for a in args if isinstance(a, Tensor)]
+    _check_dtypes(prim.name, [t for t in tensors if t.dtype != _BOOL(t)])
+    shapes = {t.shape for t in tensors}
+    if len(shapes) > 1:
+        shape = broadcast_shapes(prim.name, *(t.shape for t in tensors))
+        args = [broadcast_to(a, shape) if isinstance(a, Tensor) and a.shape != shape else a
+                for a in args]
+    return bind(prim, *args)
+
+
+def _BOOL(t):
+    return t.backend.xp.bool
+
+
+def _axes(name: str, axis, ndim: int) -> tuple[int, ...]:
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not -ndim <= a < ndim:
+            raise ValueError(f"{name}: axis {a} is out of range for a tensor with {ndim} axes")
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        raise ValueError(f"{name}: repeated axis in {axis}")
+    return tuple(sorted(out))
+
+
+def _pair(name: str, v, what: str) -> tuple[int, int]:
+    pair = (v, v) if isinstance(v, int) else tuple(v)
+    if len(pair) != 2 or not all(isinstance(i, int) for i in pair):
+        raise ValueError(f"{name}: {what} must be an int or a pair of ints, got {v!r}")
+    return pair
+
+
+def _constant(fn, *args):
+    """Evaluate a non-differentiable function on the raw data (the result is a constant)."""
+    raws = [a.raw if isinstance(a, Tensor) else a for a in args]
+    arrays = [r for r in raws if not isinstance(r, _SCALARS)]
+    xp = as_tensor(arrays[0]).backend.xp
+    out = fn(xp, *raws)
+    return make(out if type(out) is type(arrays[0]) else xp.asarray(out))
+
+
+# -- elementwise --------------------------------------------------------------------------------
+def add(x, y) -> Tensor:
+    """``x + y`` with broadcasting."""
+    return _elementwise(P.add, x, y)
+
+
+def sub(x, y) -> Tensor:
+    """``x - y`` with broadcasting."""
+    return _elementwise(P.sub, x, y)
+
+
+def mul(x, y) -> Tensor:
+    """``x * y`` with broadcasting."""
+    return _elementwise(P.mul, x, y)
+
+
+def div(x, y) -> Tensor:
+    """``x / y`` with broadcasting."""
+    return _elementwise(P.div, x, y)
+
+
+def neg(x) -> Tensor:
+    return bind(P.neg, as_tensor(x))
+
+
+def power(x, p: float) -> Tensor:
+    """``x ** p`` for a Python scalar exponent ``p``."""
+    if not isinstance(p, _SCALARS):
+        raise TypeError(f"pow: the exponent must be a Python scalar, got {type(p).__name__}")
+    return bind(P.power, as_tensor(x), p)
+
+
+def exp(x) -> Tensor:
+    return bind(P.exp, as_tensor(x))
+
+
+def log(x) -> Tensor:
+    return bind(P.log, as_tensor(x))
+
+
+def sqrt(x) -> Tensor:
+    return bind(P.sqrt, as_tensor(x))
+
+
+def tanh(x) -> Tensor:
+    return bind(P.tanh, as_tensor(x))
+
+
+def sigmoid(x) -> Tensor:
+    return bind(P.sigmoid, as_tensor(x))
+
+
+def relu(x) -> Tensor:
+    """``max(x, 0)``; its derivative at 0 is taken to be 0."""
+    return bind(P.relu, as_tensor(x))
+
+
+def where(condition, x, y) -> Tensor:
+    """``x`` where ``condition`` holds, else ``y`` (no derivative flows into ``condition``)."""
+    c = as_tensor(condition).detach()
+    if c.dtype != _BOOL(c):
+        raise TypeError(f"where: condition must be boolean, got {_dname(c.dtype)}")
+    x, y = _operand(x), _operand(y)
+    like = x if isinstance(x, Tensor) else y
+    if not isinstance(like, Tensor):
+        raise TypeError("where: x or y must be an array")
+    x = full_like(like, x) if not isinstance(x, Tensor) else x
+    y = full_like(like, y) if not isinstance(y, Tensor) else y
+    return _elementwise(P.where, c, x, y)
+
+
+def astype(x, dtype) -> Tensor:
+    """Convert to ``dtype`` (a backend dtype or a name such as ``"float32"``)."""
+    x = as_tensor(x)
+    if isinstance(dtype, str):
+        dtype = x.backend.dtype(dtype)
+    return x if x.dtype == dtype else bind(P.astype, x, dtype=dtype)
+
+
+# -- comparisons (constants: not differentiable) -------------------------------------------------
+def greater(x, y) -> Tensor:
+    return _constant(lambda xp, a, b: a > b, x, y)
+
+
+def greater_equal(x, y) -> Tensor:
+    return _constant(lambda xp, a, b: a >= b, x, y)
+
+
+def less(x, y) -> Tensor:
+    return _constant(lambda xp, a, b: a < b, x, y)
+
+
+def less_equal(x, y) -> Tensor:
+    return _constant(lambda xp, a, b: a <= b, x, y)
+
+
+def equal(x, y) -> Tensor:
+    return _constant(lambda xp, a, b: a == b, x, y)
+
+
+def isfinite(x) -> Tensor:
+    return _constant(lambda xp, a: xp.isfinite(a), x)
+
+
+# -- creation (constants on the backend and dtype of a given tensor) ----------------------------
+def zeros_like(x, shape=None) -> Tensor:
+    """Zeros with the backend and dtype of ``x`` (and its shape, unless ``shape`` is given)."""
+    x = as_tensor(x)
+    shape = x.shape if shape is None else tuple(shape)
+    return _constant(lambda xp, a: xp.zeros(shape, dtype=a.dtype), x)
+
+
+def ones_like(x) -> Tensor:
+    return _constant(lambda xp, a: xp.ones_like(a), as_tensor(x))
+
+
+def full_like(x, value) -> Tensor:
+    return _constant(lambda xp, a: xp.full_like(a, value), as_tensor(x))
+
+
+# -- reductions ----------------------------------------------------------------------------------
+def sum(x, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
+    """Sum over ``axis`` (an int, a tuple of ints or None for all axes)."""
+    x = as_tensor(x)
+    return bind(P.sum_, x, axis=_axes("sum", axis, x.ndim), keepdims=keepdims)
+
+
+def mean(x, axis=None, keepdims: bool = False) -> Tensor:
+    """Mean over ``axis``."""
+    x = as_tensor(x)
+    axes = _axes("mean", axis, x.ndim)
+    count = 1
+    for a in axes:
+        count *= x.shape[a]
+    return sum(x, axes, keepdims) * (1.0 / count)
+
+
+def var(x, axis=None, keepdims: bool = False, correction: int = 0) -> Tensor:
+    """Variance over ``axis``, dividing by ``count - correction`` (0: biased, 1: unbiased)."""
+    x = as_tensor(x)
+    axes = _axes("var", axis, x.ndim)
+    count = 1
+    for a in axes:
+        count *= x.shape[a]
+    centred = x - mean(x, axes, keepdims=True)
+    return sum(centred * centred, axes, keepdims) * (1.0 / (count - correction))
+
+
+def max(x, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
+    """Maximum over ``axis``; the derivative is shared equally among tied maxima."""
+    x = as_tensor(x)
+    if x.size == 0:
+        raise ValueError(f"max: empty tensor of shape {x.shape}")
+    return bind(P.max_, x, axis=_axes("max", axis, x.ndim), keepdims=keepdims)
+
+
+def logsumexp(x, axis=None, keepdims: bool = False) -> Tensor:
+    """``log(sum(exp(x), axis))`` computed without overflow."""
+    x = as_tensor(x)
+    return bind(P.logsumexp, x, axis=_axes("logsumexp", axis, x.ndim), keepdims=keepdims)
+
+
+def log_softmax(x, axis: int = -1) -> Tensor:
+    return as_tensor(x) - logsumexp(x, axis, keepdims=True)
+
+
+def softmax(x, axis: int = -1) -> Tensor:
+    return exp(log_softmax(x, axis))
+
+
+# -- shape and indexing --------------------------------------------------------------------------
+def reshape(x, shape) -> Tensor:
+    """Reshape (one ``-1`` allowed)."""
+    x = as_tensor(x)
+    shape = (shape,) if isinstance(shape, int) else tuple(int(d) for d in shape)
+    known = 1
+    for d in shape:
+        known *= d if d != -1 else 1
+    if shape.count(-1) > 1 or (shape.count(-1) == 0 and known != x.size) or (
+        shape.count(-1) == 1 and (known == 0 or x.size % known)
+    ):
+        raise ValueError(f"reshape: cannot reshape a tensor of shape {x.shape} into {shape}")
+    if -1 in shape:
+        shape = tuple(x.size // known if d == -1 else d for d in shape)
+    return x if shape == x.shape else bind(P.reshape, x, shape=shape)
+
+
+def transpose(x, axes=None) -> Tensor:
+    """Permute axes (default: reverse them)."""
+    x = as_tensor(x)
+    axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(a % x.ndim for a in axes)
+    if sorted(axes) != list(range(x.ndim)):
+        raise ValueError(f"transpose: {axes} is not a permutation of the axes of shape {x.shape}")
+    return x if axes == tuple(range(x.ndim)) else bind(P.transpose, x, axes=axes)
+
+
+def matrix_transpose(x) -> Tensor:
+    """Swap the last two axes."""
+    x = as_tensor(x)
+    if x.ndim < 2:
+        raise ValueError(f"matrix_transpose: needs at least 2 axes, got shape {x.shape}")
+    return transpose(x, tuple(range(x.ndim - 2)) + (x.ndim - 1, x.ndim - 2))
+
+
+def broadcast_to(x, shape) -> Tensor:
+    x = as_tensor(x)
+    shape = tuple(shape)
+    if broadcast_shapes("broadcast_to", x.shape, shape) != shape:
+        raise ValueError(f"broadcast_to: cannot broadcast shape {x.shape} to {shape}")
+    return x if x.shape == shape else bind(P.broadcast_to, x, shape=shape)
+
+
+def _basic_index(index) -> tuple:
+    index = index if isinstance(index, tuple) else (index,)
+    for i in index:
+        if not (i is None or i is Ellipsis or isinstance(i, (int, slice))) or isinstance(i, bool):
+            raise IndexError(
+                f"getitem: only basic indexing (ints, slices, None, ...) is supported, got "
+                f"{type(i).__name__}; for picking entries use a one-hot mask or where()"
+            )
+    return index
+
+
+def getitem(x, index) -> Tensor:
+    """``x[index]`` for basic indices (ints, slices, ``None``, ``...``)."""
+    x = as_tensor(x)
+    index = _basic_index(index)
+    try:
+        return bind(P.getitem, x, index=index)
+    except IndexError as e:
+        raise IndexError(f"getitem: index {index} is invalid for shape {x.shape}: {e}") from None
+
+
+def untake(g, index, shape) -> Tensor:
+    """A zero tensor of ``shape`` with ``g`` written at ``index`` (the adjoint of getitem)."""
+    return bind(P.untake, as_tensor(g), index=_basic_index(index), shape=tuple(shape))
+
+
+def pad(x, widths) -> Tensor:
+    """Zero-pad: ``widths`` gives ``(before, after)`` for every axis."""
+    x = as_tensor(x)
+    widths = tuple((int(lo), int(hi)) for lo, hi in widths)
+    if len(widths) != x.ndim or any(lo < 0 or hi < 0 for lo, hi in widths):
+        raise ValueError(
+            f"pad: widths must give non-negative (before, after) pairs for each of the "
+            f"{x.ndim} axes of shape {x.shape}, got {widths}"
+        )
+    return bind(P.pad, x, widths=widths)
+
+
+def concat(xs: Sequence, axis: int = 0) -> Tensor:
+    """Join tensors along an existing axis."""
+    xs = [as_tensor(x) for x in xs]
+    if not xs:
+        raise ValueError("concat: needs at least one tensor")
+    ndim = xs[0].ndim
+    axis = _axes("concat", axis, ndim)[0]
+    if any(x.ndim != ndim or x.shape[:axis] + x.shape[axis + 1 :] !=
+           xs[0].shape[:axis] + xs[0].shape[axis + 1 :] for x in xs):
+        raise ValueError(
+            f"concat: shapes {[x.shape for x in xs]} differ outside axis {axis}"
+        )
+    _check_dtypes("concat", xs)
+    return bind(P.concat, *xs, axis=axis)
+
+
+def stack(xs: Sequence, axis: int = 0) -> Tensor:
+    """Join tensors of one shape along a new axis."""
+    xs = [as_tensor(x) for x in xs]
+    if not xs or any(x.shape != xs[0].shape for x in xs):
+        raise ValueError(f"stack: needs tensors of one shape, got {[x.shape for x in xs]}")
+    axis = axis % (xs[0].ndim + 1)
+    shape = xs[0].shape[:axis] + (1,) + xs[0].shape[axis:]
+    return concat([reshape(x, shape) for x in xs], axis)
+
+
+# -- linear algebra and convolution --------------------------------------------------------------
+def matmul(x, y) -> Tensor:
+    """Matrix product of the last two axes, batched (and broadcast) over the others."""
+    x, y = as_tensor(x), as_tensor(y)
+    if x.ndim < 2 or y.ndim < 2:
+        raise ValueError(
+            f"matmul: both operands need at least 2 axes, got shapes {x.shape} and {y.shape} "
+            "(reshape vectors to (n, 1) or (1, n))"
+        )
+    if x.shape[-1] != y.shape[-2]:
+        raise ValueError(
+            f"matmul: shapes {x.shape} and {y.shape} are not aligned: "
+            f"{x.shape[-1]} (last axis of x) != {y.shape[-2]} (second-to-last axis of y)"
+        )
+    _check_dtypes("matmul", (x, y))
+    if x.shape[:-2] != y.shape[:-2]:
+        batch = broadcast_shapes("matmul", x.shape[:-2], y.shape[:-2])
+        x = broadcast_to(x, batch + x.shape[-2:])
+        y = broadcast_to(y, batch + y.shape[-2:])
+    return bind(P.matmul, x, y)
+
+
+def tensordot(x, y, axes=2) -> Tensor:
+    """Contract ``axes`` of ``x`` with ``axes`` of ``y`` (as in NumPy and the array API)."""
+    x, y = as_tensor(x), as_tensor(y)
+    if isinstance(axes, int):
+        xa, ya = tuple(range(x.ndim - axes, x.ndim)), tuple(range(axes))
+    else:
+        xa, ya = axes
+        xa = (xa,) if isinstance(xa, int) else tuple(xa)
+        ya = (ya,) if isinstance(ya, int) else tuple(ya)
+    xa = tuple(a % x.ndim for a in xa) if x.ndim else xa
+    ya = tuple(a % y.ndim for a in ya) if y.ndim else ya
+    if len(xa) != len(ya) or any(x.shape[a] != y.shape[b] for a, b in zip(xa, ya)):
+        raise ValueError(
+            f"tensordot: cannot contract axes {xa} of shape {x.shape} with axes {ya} of "
+            f"shape {y.shape}"
+        )
+    _check_dtypes("tensordot", (x, y))
+    return bind(P.tensordot, x, y, axes=(xa, ya))
+
+
+def conv_output_size(size: int, k: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - k) // stride + 1
+
+
+def im2col(x, kh: int, kw: int, stride=1, padding=0) -> Tensor:
+    """Patches of ``x`` (shape ``(..., C, H, W)``) as ``(..., C, kh, kw, OH, OW)``."""
+    x = as_tensor(x)
+    stride, padding = _pair("im2col", stride, "stride"), _pair("im2col", padding, "padding")
+    if x.ndim < 3:
+        raise ValueError(f"im2col: expected (..., C, H, W), got shape {x.shape}")
+    oh = conv_output_size(x.shape[-2], kh, stride[0], padding[0])
+    ow = conv_output_size(x.shape[-1], kw, stride[1], padding[1])
+    if oh < 1 or ow < 1 or min(stride) < 1 or min(padding) < 0 or min(kh, kw) < 1:
+        raise ValueError(
+            f"im2col: a {kh}x{kw} kernel with stride {stride} and padding {padding} does not "
+            f"fit input of spatial size {x.shape[-2:]}"
+        )
+    return bind(P.im2col, x, kh=kh, kw=kw, stride=stride, padding=padding)
+
+
+def col2im(cols, height: int, width: int, stride=1, padding=0) -> Tensor:
+    """The adjoint of :func:`im2col`: sum patches back into a ``(..., C, H, W)`` image."""
+    cols = as_tensor(cols)
+    stride, padding = _pair("col2im", stride, "stride"), _pair("col2im", padding, "padding")
+    if cols.ndim < 5:
+        raise ValueError(f"col2im: expected (..., C, kh, kw, OH, OW), got shape {cols.shape}")
+    kh, kw, oh, ow = cols.shape[-4:]
+    if (conv_output_size(height, kh, stride[0], padding[0]),
+            conv_output_size(width, kw, stride[1], padding[1])) != (oh, ow):
+        raise ValueError(
+            f"col2im: columns of shape {cols.shape} do not match an image of size "
+            f"{(height, width)} with stride {stride} and padding {padding}"
+        )
+    return bind(P.col2im, cols, height=height, width=width, stride=stride, padding=padding)
+
+
+# -- Tensor operators and methods -----------------------------------------------------------------
+def _reflect(fn):
+    return lambda self, other: fn(other, self)
+
+
+def _no_tensor_exponent(self, other):
+    raise TypeError("pow: only a Python scalar exponent is supported (x ** p)")
+
+
+_METHODS = {
+    "__add__": add, "__radd__": _reflect(add), "__sub__": sub, "__rsub__": _reflect(sub),
+    "__mul__": mul, "__rmul__": _reflect(mul), "__truediv__": div,
+    "__rtruediv__": _reflect(div), "__neg__": neg, "__pow__": power,
+    "__rpow__": _no_tensor_exponent, "__matmul__": matmul, "__rmatmul__": _reflect(matmul),
+    "__getitem__": getitem, "__gt__": greater, "__ge__": greater_equal, "__lt__": less,
+    "__le__": less_equal, "__eq__": equal, "__pos__": lambda self: self,
+    "sum": sum, "mean": mean, "var": var, "max": max, "logsumexp": logsumexp,
+    "reshape": lambda self, *shape: reshape(
+        self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape),
+    "transpose": lambda self, *axes: transpose(
+        self, (axes[0] if len(axes) == 1 and not isinstance(axes[0], int) else axes) or None),
+    "exp": exp, "log": log, "sqrt": sqrt, "tanh": tanh, "sigmoid": sigmoid, "relu": relu,
+    "astype": astype,
+}
+for _name, _fn in _METHODS.items():
+    setattr(Tensor, _name, _fn)
+Tensor.T = property(lambda self: transpose(self))
+Tensor.mT = property(matrix_transpose)
+del _name, _fn
+
+
+__all__ = [
+    "add", "sub", "mul", "div", "neg", "power", "exp", "log", "sqrt", "tanh", "sigmoid", "relu",
+    "where", "astype", "greater", "greater_equal", "less", "less_equal", "equal", "isfinite",
+    "zeros_like", "ones_like", "full_like", "sum", "mean", "var", "max", "logsumexp",
+    "log_softmax", "softmax", "reshape", "transpose", "matrix_transpose", "broadcast_to",
+    "getitem", "untake", "pad", "concat", "stack", "matmul", "tensordot", "im2col", "col2im",
+    "broadcast_shapes", "conv_output_size",
+]

@@ -1,0 +1,304 @@
+"""The primitive table: every primitive's forward beside its derivative rules.
+
+Each entry gives
+
+* the forward ``impl(xp, *raw_args, **params)`` in the array-API namespace ``xp`` (backend-
+  specific kernels are reached through ``backend_of(array)`` and live in ``backends/``);
+* one VJP rule per argument, ``(g, ans, *args, **params) -> cotangent``;
+* one JVP rule per argument, ``(t, ans, *args, **params) -> tangent``, or ``"linear"`` when the
+  primitive is linear in each argument (then the JVP is the primitive applied to the tangent).
+
+Rules are written with miniresnet's own operations (Tensor operators and :mod:`miniresnet.ops`),
+never with raw arrays, so they are differentiable: derivatives of any order come for free.
+VJP rules accept a cotangent with extra leading *batch* axes (shape ``batch + ans.shape``) and
+return ``batch + arg.shape``; ``nb(g, ans)`` is the number of such axes. This is what lets one
+reverse pass carry a whole stack of cotangents (exact Jacobians in a few passes).
+
+Elementwise primitives see operands of one shape: :mod:`miniresnet.ops` broadcasts explicitly
+with the ``broadcast_to`` primitive, whose VJP is the matching un-broadcast (a sum).
+"""
+
+from __future__ import annotations
+
+from miniresnet import ops as o
+from miniresnet import tracing
+from miniresnet.backends import backend_of
+from miniresnet.tracing import Primitive
+
+LINEAR = "linear"
+
+
+def nb(g, ans) -> int:
+    """Number of leading batch axes a cotangent carries beyond the primal output's axes."""
+    return g.ndim - ans.ndim
+
+
+def _mask(cond, like):
+    """A constant 0/1 mask with ``like``'s dtype (no derivative flows through it)."""
+    return o.astype(cond, like.dtype)
+
+
+def _keepdims_shape(shape, axis):
+    return tuple(1 if i in axis else d for i, d in enumerate(shape))
+
+
+def _expand(g, ans, x, axis, keepdims):
+    """Reshape a reduction's cotangent so that it broadcasts against ``x`` (batch axes kept)."""
+    lead = g.shape[: nb(g, ans)]
+    return g if keepdims else o.reshape(g, lead + _keepdims_shape(x.shape, axis))
+
+
+def _unbroadcast(g, x_shape, out_shape):
+    """Sum ``g`` (shape ``batch + out_shape``) down to ``batch + x_shape``."""
+    lead = g.ndim - len(out_shape)
+    extra = len(out_shape) - len(x_shape)
+    axes = tuple(range(lead, lead + extra)) + tuple(
+        lead + extra + i for i, d in enumerate(x_shape) if d == 1 and out_shape[extra + i] != 1
+    )
+    if axes:
+        g = o.sum(g, axis=axes, keepdims=True)
+    return o.reshape(g, g.shape[:lead] + tuple(x_shape))
+
+
+def _batched_index(g, ans, index):
+    return (slice(None),) * nb(g, ans) + index
+
+
+def _inverse(perm):
+    inv = [0] * len(perm)
+    for i, p in enumerate(perm):
+        inv[p] = i
+    return tuple(inv)
+
+
+def _tensordot_vjp_x(g, ans, x, y, axes):
+    xa, ya = axes
+    n = nb(g, ans)
+    x_free = [d for d in range(x.ndim) if d not in xa]
+    y_free = [d for d in range(y.ndim) if d not in ya]
+    g_y_axes = tuple(range(g.ndim - len(y_free), g.ndim))
+    r = o.tensordot(g, y, axes=(g_y_axes, tuple(y_free)))  # batch + x_free + sorted(ya)
+    y_rest = sorted(ya)
+    pos = {d: n + i for i, d in enumerate(x_free)}
+    pos.update({d: n + len(x_free) + y_rest.index(e) for d, e in zip(xa, ya)})
+    return o.transpose(r, tuple(range(n)) + tuple(pos[d] for d in range(x.ndim)))
+
+
+def _tensordot_vjp_y(g, ans, x, y, axes):
+    xa, ya = axes
+    n = nb(g, ans)
+    x_free = [d for d in range(x.ndim) if d not in xa]
+    y_free = [d for d in range(y.ndim) if d not in ya]
+    r = o.tensordot(x, g, axes=(tuple(x_free), tuple(n + i for i in range(len(x_free)))))
+    x_rest = sorted(xa)  # r: sorted(xa) + batch + y_free
+    pos = {e: len(xa) + n + i for i, e in enumerate(y_free)}
+    pos.update({e: x_rest.index(d) for d, e in zip(xa, ya)})
+    lead = tuple(len(xa) + i for i in range(n))
+    return o.transpose(r, lead + tuple(pos[e] for e in range(y.ndim)))
+
+
+def _tensordot_impl(xp, x, y, axes):
+    return xp.tensordot(x, y, axes=(list(axes[0]), list(axes[1])))
+
+
+def _logsumexp_impl(xp, x, axis, keepdims):
+    m = xp.max(x, axis=axis, keepdims=True)
+    m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    out = xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True)) + m
+    return out if keepdims else xp.reshape(out, tuple(d for i, d in enumerate(x.shape) if i not in axis))
+
+
+def _max_weights(ans, x, axis, keepdims):
+    """Where ``x`` attains its max, split evenly among ties (a constant)."""
+    a = ans if keepdims else o.reshape(ans, _keepdims_shape(x.shape, axis))
+    hit = _mask(o.equal(x, a), x)
+    return hit / o.sum(hit, axis=axis, keepdims=True)
+
+
+def _untake_impl(xp, g, index, shape):
+    out = xp.zeros(shape, dtype=g.dtype)
+    out[index] = g
+    return out
+
+
+def _pad_impl(xp, x, widths):
+    out = xp.zeros(tuple(d + lo + hi for d, (lo, hi) in zip(x.shape, widths)), dtype=x.dtype)
+    out[tuple(slice(lo, lo + d) for d, (lo, _) in zip(x.shape, widths))] = x
+    return out
+
+
+def _unpad(g, ans, x, widths):
+    index = tuple(slice(lo, lo + d) for d, (lo, _) in zip(x.shape, widths))
+    return o.getitem(g, _batched_index(g, ans, index))
+
+
+def _concat_vjp(argnum):
+    def rule(g, ans, *args, axis):
+        start = sum(a.shape[axis] for a in args[:argnum])
+        index = [slice(None)] * ans.ndim
+        index[axis] = slice(start, start + args[argnum].shape[axis])
+        return o.getitem(g, _batched_index(g, ans, tuple(index)))
+
+    return rule
+
+
+def _concat_jvp(argnum):
+    def rule(t, ans, *args, axis):
+        before = sum(a.shape[axis] for a in args[:argnum])
+        widths = [(0, 0)] * ans.ndim
+        widths[axis] = (before, ans.shape[axis] - before - args[argnum].shape[axis])
+        return o.pad(t, widths)
+
+    return rule
+
+
+def _merge_lead(xp, a, core: int):
+    """Fold all axes before the last ``core`` into one (for kernels that take fixed ranks)."""
+    lead = a.shape[: a.ndim - core]
+    return xp.reshape(a, (-1,) + tuple(a.shape[a.ndim - core :])), lead
+
+
+def _im2col_impl(xp, x, kh, kw, stride, padding):
+    x4, lead = _merge_lead(xp, x, 3)
+    cols = backend_of(x).im2col(x4, kh, kw, stride, padding)
+    return xp.reshape(cols, lead + tuple(cols.shape[1:]))
+
+
+def _col2im_impl(xp, cols, height, width, stride, padding):
+    c6, lead = _merge_lead(xp, cols, 5)
+    img = backend_of(cols).col2im(c6, height, width, stride, padding)
+    return xp.reshape(img, lead + tuple(img.shape[1:]))
+
+
+def _im2col_vjp(g, ans, x, kh, kw, stride, padding):
+    return o.col2im(g, x.shape[-2], x.shape[-1], stride, padding)
+
+
+def _col2im_vjp(g, ans, cols, height, width, stride, padding):
+    return o.im2col(g, cols.shape[-4], cols.shape[-3], stride, padding)
+
+
+# fmt: off
+# ---------------------------------------------------------------------------------------------
+#  name            forward                                    VJP rules (one per argument)
+#                                                             JVP rules / "linear"
+# ---------------------------------------------------------------------------------------------
+add = Primitive("add", lambda xp, x, y: x + y,
+    vjp=(lambda g, ans, x, y: g,
+         lambda g, ans, x, y: g),
+    jvp=(lambda t, ans, x, y: t,
+         lambda t, ans, x, y: t))
+sub = Primitive("sub", lambda xp, x, y: x - y,
+    vjp=(lambda g, ans, x, y: g,
+         lambda g, ans, x, y: -g),
+    jvp=(lambda t, ans, x, y: t,
+         lambda t, ans, x, y: -t))
+mul = Primitive("mul", lambda xp, x, y: x * y,
+    vjp=(lambda g, ans, x, y: g * y,
+         lambda g, ans, x, y: g * x),
+    jvp=LINEAR)
+div = Primitive("div", lambda xp, x, y: x / y,
+    vjp=(lambda g, ans, x, y: g / y,
+         lambda g, ans, x, y: -g * ans / y),
+    jvp=(lambda t, ans, x, y: t / y,
+         lambda t, ans, x, y: -t * ans / y))
+neg = Primitive("neg", lambda xp, x: -x,
+    vjp=(lambda g, ans, x: -g,),
+    jvp=LINEAR)
+power = Primitive("pow", lambda xp, x, p: x ** p,          # p: a Python scalar exponent
+    vjp=(lambda g, ans, x, p: g * (p * x ** (p - 1)), None),
+    jvp=(lambda t, ans, x, p: t * (p * x ** (p - 1)), None))
+exp = Primitive("exp", lambda xp, x: xp.exp(x),
+    vjp=(lambda g, ans, x: g * ans,),
+    jvp=(lambda t, ans, x: t * ans,))
+log = Primitive("log", lambda xp, x: xp.log(x),
+    vjp=(lambda g, ans, x: g / x,),
+    jvp=(lambda t, ans, x: t / x,))
+sqrt = Primitive("sqrt", lambda xp, x: xp.sqrt(x),
+    vjp=(lambda g, ans, x: g / (2.0 * ans),),
+    jvp=(lambda t, ans, x: t / (2.0 * ans),))
+tanh = Primitive("tanh", lambda xp, x: xp.tanh(x),
+    vjp=(lambda g, ans, x: g * (1.0 - ans * ans),),
+    jvp=(lambda t, ans, x: t * (1.0 - ans * ans),))
+sigmoid = Primitive("sigmoid", lambda xp, x: 0.5 * (xp.tanh(0.5 * x) + 1.0),  # overflow-free
+    vjp=(lambda g, ans, x: g * (ans * (1.0 - ans)),),
+    jvp=(lambda t, ans, x: t * (ans * (1.0 - ans)),))
+relu = Primitive("relu", lambda xp, x: xp.where(x > 0, x, xp.zeros_like(x)),  # d/dx = 0 at 0
+    vjp=(lambda g, ans, x: g * _mask(o.greater(x, 0.0), x),),
+    jvp=(lambda t, ans, x: t * _mask(o.greater(x, 0.0), x),))
+where = Primitive("where", lambda xp, c, x, y: xp.where(c, x, y),  # c: a boolean constant
+    vjp=(None,
+         lambda g, ans, c, x, y: o.where(c, g, 0.0),
+         lambda g, ans, c, x, y: o.where(c, 0.0, g)),
+    jvp=(None,
+         lambda t, ans, c, x, y: o.where(c, t, 0.0),
+         lambda t, ans, c, x, y: o.where(c, 0.0, t)))
+astype = Primitive("astype", lambda xp, x, dtype: xp.astype(x, dtype),
+    vjp=(lambda g, ans, x, dtype: o.astype(g, x.dtype),),
+    jvp=LINEAR)
+
+# -- reductions (axis: a tuple of non-negative axes) -------------------------------------------
+sum_ = Primitive("sum", lambda xp, x, axis, keepdims: xp.sum(x, axis=axis, keepdims=keepdims),
+    vjp=(lambda g, ans, x, axis, keepdims: o.broadcast_to(
+             _expand(g, ans, x, axis, keepdims), g.shape[:nb(g, ans)] + x.shape),),
+    jvp=LINEAR)
+max_ = Primitive("max", lambda xp, x, axis, keepdims: xp.max(x, axis=axis, keepdims=keepdims),
+    vjp=(lambda g, ans, x, axis, keepdims:
+             _expand(g, ans, x, axis, keepdims) * _max_weights(ans, x, axis, keepdims),),
+    jvp=(lambda t, ans, x, axis, keepdims:
+             o.sum(t * _max_weights(ans, x, axis, keepdims), axis=axis, keepdims=keepdims),))
+logsumexp = Primitive("logsumexp", _logsumexp_impl,
+    vjp=(lambda g, ans, x, axis, keepdims: _expand(g, ans, x, axis, keepdims)
+             * o.exp(x - _expand(ans, ans, x, axis, keepdims)),),
+    jvp=(lambda t, ans, x, axis, keepdims: o.sum(
+             t * o.exp(x - _expand(ans, ans, x, axis, keepdims)), axis=axis, keepdims=keepdims),))
+
+# -- shape and indexing ------------------------------------------------------------------------
+reshape = Primitive("reshape", lambda xp, x, shape: xp.reshape(x, shape),
+    vjp=(lambda g, ans, x, shape: o.reshape(g, g.shape[:nb(g, ans)] + x.shape),),
+    jvp=LINEAR)
+transpose = Primitive("transpose", lambda xp, x, axes: xp.permute_dims(x, axes),
+    vjp=(lambda g, ans, x, axes: o.transpose(g, tuple(range(nb(g, ans))) + tuple(
+             nb(g, ans) + i for i in _inverse(axes))),),
+    jvp=LINEAR)
+broadcast_to = Primitive("broadcast_to", lambda xp, x, shape: xp.broadcast_to(x, shape),
+    vjp=(lambda g, ans, x, shape: _unbroadcast(g, x.shape, shape),),
+    jvp=LINEAR)
+getitem = Primitive("getitem", lambda xp, x, index: x[index],  # basic indexing only
+    vjp=(lambda g, ans, x, index: o.untake(
+             g, _batched_index(g, ans, index), g.shape[:nb(g, ans)] + x.shape),),
+    jvp=LINEAR)
+untake = Primitive("untake", _untake_impl,  # zeros(shape) with g written at index
+    vjp=(lambda g, ans, x, index, shape: o.getitem(g, _batched_index(g, ans, index)),),
+    jvp=LINEAR)
+pad = Primitive("pad", _pad_impl,  # zero padding, widths: ((lo, hi), ...) per axis
+    vjp=(_unpad,),
+    jvp=LINEAR)
+concat = Primitive("concat", lambda xp, *xs, axis: xp.concat(xs, axis=axis),
+    vjp=_concat_vjp,
+    jvp=_concat_jvp)
+
+# -- linear algebra and convolution ------------------------------------------------------------
+matmul = Primitive("matmul", lambda xp, x, y: xp.matmul(x, y),  # (..., n, k) @ (..., k, m)
+    vjp=(lambda g, ans, x, y: o.matmul(g, o.matrix_transpose(y)),
+         lambda g, ans, x, y: o.matmul(o.matrix_transpose(x), g)),
+    jvp=LINEAR)
+tensordot = Primitive("tensordot", _tensordot_impl,  # axes: (x_axes, y_axes), non-negative
+    vjp=(_tensordot_vjp_x, _tensordot_vjp_y),
+    jvp=LINEAR)
+im2col = Primitive("im2col", _im2col_impl,  # (..., C, H, W) -> (..., C, kh, kw, OH, OW)
+    vjp=(_im2col_vjp,),
+    jvp=LINEAR)
+col2im = Primitive("col2im", _col2im_impl,  # the adjoint of im2col
+    vjp=(_col2im_vjp,),
+    jvp=LINEAR)
+# fmt: on
+
+tracing._ADD = add
+
+PRIMITIVES = {
+    p.name: p
+    for p in (add, sub, mul, div, neg, power, exp, log, sqrt, tanh, sigmoid, relu, where, astype,
+              sum_, max_, logsumexp, reshape, transpose, broadcast_to, getitem, untake, pad,
+              concat, matmul, tensordot, im2col, col2im)
+}

@@ -1,0 +1,428 @@
+"""The tracing core: :class:`Tensor`, trace levels, primitive binding and the reverse pass.
+
+How it works
+------------
+Every differentiation opens a new *trace level* (an integer that only grows). A Tensor at level
+``L > 0`` wraps a Tensor of a lower level (its ``_value``) and carries either a reverse-mode
+:class:`Node` (its place on the tape) or a forward-mode tangent. A Tensor at level 0 wraps a raw
+backend array. Binding a primitive peels off the highest level among its arguments, binds the
+primitive again on the unwrapped values (which records it at the lower levels, if any), and wraps
+the result at the highest level. Derivative rules are written with the same primitives, so when
+they run during a backward pass on traced values they are themselves recorded: that is how higher
+order derivatives come for free. Nesting uses levels, so derivatives never get confused with each
+other; the eager tape of ``Tensor(..., requires_grad=True)`` is level 1, transforms use 2, 3, ...
+
+Nothing here recurses over the graph: the reverse pass uses an iterative topological sort.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from miniresnet.backends import backend_of
+
+EAGER_LEVEL = 1
+_level_counter = itertools.count(EAGER_LEVEL + 1)
+_state = {"grad_enabled": True, "anomaly": False, "backward_op": None}
+_SCALARS = (bool, int, float)
+
+
+def new_level() -> int:
+    """Return a fresh trace level, higher than every level handed out before."""
+    return next(_level_counter)
+
+
+class Primitive:
+    """An operation with a forward implementation and derivative rules.
+
+    Parameters
+    ----------
+    name : str
+        Name used in error messages and reprs.
+    impl : callable
+        ``impl(xp, *raw_args, **params)`` computing the result from raw backend arrays with the
+        array-API namespace ``xp``.
+    vjp : sequence of callables or None
+        One rule per positional argument, ``rule(g, ans, *args, **params) -> cotangent``, or
+        ``None`` for an argument that is not differentiable. A rule receives ``g`` with the shape
+        ``batch + ans.shape`` (any number of leading batch axes) and must return
+        ``batch + arg.shape``: this is what lets one reverse pass carry a stack of cotangents.
+        A single callable ``rule(argnum)`` returning rules is accepted for variadic primitives.
+    jvp : sequence of callables, ``"linear"`` or None
+        ``rule(t, ans, *args, **params) -> tangent contribution`` per argument. ``"linear"`` means
+        the primitive is linear in each differentiable argument separately, so the contribution
+        of argument ``i`` is the primitive itself applied with ``t`` in place of argument ``i``.
+    """
+
+    __slots__ = ("name", "impl", "_vjp", "_jvp")
+
+    def __init__(self, name: str, impl: Callable, vjp=None, jvp=None):
+        self.name, self.impl, self._vjp, self._jvp = name, impl, vjp, jvp
+
+    def vjp_rule(self, argnum: int) -> Callable | None:
+        rules = self._vjp
+        if rules is None:
+            return None
+        return rules(argnum) if callable(rules) else rules[argnum]
+
+    def jvp_contribution(self, argnum: int, t, ans, args, params):
+        if self._jvp == "linear":
+            return bind(self, *args[:argnum], t, *args[argnum + 1 :], **params)
+        rules = self._jvp
+        rule = rules(argnum) if callable(rules) else rules[argnum]
+        return rule(t, ans, *args, **params)
+
+    def __repr__(self) -> str:
+        return f"<primitive {self.name}>"
+
+
+class Node:
+    """A reverse-mode record: the primitive, its unwrapped inputs and output, and the parents.
+
+    ``parents`` is a tuple of ``(argnum, Node)`` for the arguments traced at the node's level.
+    A leaf (an input of a differentiation) has ``prim=None``; leaves of the eager tape also
+    accumulate ``grad``.
+    """
+
+    __slots__ = ("prim", "args", "params", "out", "parents", "grad", "__weakref__")
+
+    def __init__(self, prim, args, params, out, parents):
+        self.prim, self.args, self.params, self.out, self.parents = prim, args, params, out, parents
+        self.grad = None
+
+
+def leaf_node() -> Node:
+    return Node(None, (), {}, None, ())
+
+
+class Tensor:
+    """An n-d array that records the operations applied to it.
+
+    Create one with :func:`miniresnet.tensor` or ``Tensor(data, requires_grad=True)``. Tensors
+    support the usual operators and methods (``+ - * / ** @``, ``sum``, ``mean``, ``reshape``...),
+    ``backward()`` on the eager tape, ``detach()`` and ``numpy()``.
+    """
+
+    __slots__ = ("_value", "_level", "_node", "_tangent", "shape", "dtype", "__weakref__")
+    __array_ufunc__ = None  # make NumPy defer to our reflected operators
+    __array_priority__ = 1000
+
+    def __init__(self, data: Any, requires_grad: bool = False, *, dtype=None):
+        from miniresnet.config import as_backend_array, creation_backend
+
+        if isinstance(data, Tensor):
+            raw = as_backend_array(data.raw, dtype)
+        else:
+            raw = as_backend_array(data, dtype, creation_backend(data))
+        self._value, self._level, self._node, self._tangent = raw, 0, None, None
+        self.shape, self.dtype = tuple(raw.shape), raw.dtype
+        if requires_grad:
+            inner = make(raw)
+            self._value, self._level, self._node = inner, EAGER_LEVEL, leaf_node()
+
+    # -- basic attributes -------------------------------------------------------------------
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def raw(self):
+        """The backend array underneath every trace level (no copy)."""
+        t = self
+        while t._level:
+            t = t._value
+        return t._value
+
+    @property
+    def backend(self):
+        """The :class:`~miniresnet.backends.Backend` holding this tensor's data."""
+        return backend_of(self.raw)
+
+    @property
+    def requires_grad(self) -> bool:
+        return self._node is not None
+
+    @property
+    def grad(self) -> Tensor | None:
+        """Gradient accumulated by :meth:`backward` for a leaf with ``requires_grad=True``."""
+        node = self._node
+        return None if node is None else node.grad
+
+    @grad.setter
+    def grad(self, value) -> None:
+        if self._node is None or self._node.prim is not None:
+            raise AttributeError("only leaf tensors created with requires_grad=True hold .grad")
+        self._node.grad = None if value is None else Tensor(value)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._node is None or self._node.prim is None
+
+    def detach(self) -> Tensor:
+        """A tensor with the same data that no derivative flows through."""
+        return make(self.raw)
+
+    def numpy(self):
+        """A host NumPy copy of the data (a NumPy array, whatever the backend)."""
+        return backend_of(self.raw).to_numpy(self.raw)
+
+    def item(self) -> float:
+        if self.size != 1:
+            raise ValueError(f"item(): tensor of shape {self.shape} has {self.size} elements, not 1")
+        return self.numpy().reshape(()).item()
+
+    def __float__(self) -> float:
+        return float(self.item())
+
+    def __bool__(self) -> bool:
+        return bool(self.item())
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        mode = ""
+        if self._level:
+            mode = ", requires_grad=True" if self._level == EAGER_LEVEL else f", level={self._level}"
+        name = backend_of(self.raw).name
+        return f"Tensor(shape={self.shape}, dtype={_dtype_name(self.dtype)}, backend={name}{mode})"
+
+    # -- eager reverse mode -----------------------------------------------------------------
+    def backward(self, gradient=None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) into ``.grad`` of every leaf with ``requires_grad=True``.
+
+        Parameters
+        ----------
+        gradient : array or Tensor, optional
+            Cotangent of the same shape as ``self``; defaults to 1 for a one-element tensor.
+        retain_graph : bool
+            Keep the recorded graph so that ``backward`` can be called again.
+        """
+        if self._node is None:
+            raise RuntimeError(
+                "backward(): this tensor does not require grad (no input was created with "
+                "requires_grad=True, or it was computed under no_grad())"
+            )
+        if gradient is None:
+            if self.size != 1:
+                raise RuntimeError(
+                    f"backward(): gradient must be given for a non-scalar output (shape {self.shape})"
+                )
+            from miniresnet import ops
+
+            g = ops.ones_like(self._value)
+        else:
+            g = as_tensor(gradient)
+            if g.shape != self.shape:
+                raise ValueError(f"backward(): gradient shape {g.shape} != tensor shape {self.shape}")
+        for leaf, ct in backward_pass(self._node, g, free=not retain_graph).items():
+            leaf.grad = ct if leaf.grad is None else leaf.grad + ct
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).rsplit(".", 1)[-1].replace("dtype(", "").strip("')")
+
+
+def make(value, level: int = 0, node: Node | None = None, tangent=None) -> Tensor:
+    """Internal fast constructor (no conversion, no checks)."""
+    t = object.__new__(Tensor)
+    t._value, t._level, t._node, t._tangent = value, level, node, tangent
+    t.shape, t.dtype = tuple(value.shape), value.dtype
+    return t
+
+
+def as_tensor(x) -> Tensor:
+    """``x`` itself if it is a Tensor, else a level-0 Tensor over the backend array ``x``."""
+    if isinstance(x, Tensor):
+        return x
+    from miniresnet.config import as_backend_array
+
+    return make(as_backend_array(x))
+
+
+def finalize(x):
+    """Output convention of the transforms: a raw backend array when nothing traces ``x`` any
+    more, else the Tensor itself (so an enclosing transform can differentiate it)."""
+    if isinstance(x, Tensor):
+        return x._value if x._level == 0 else x
+    return x
+
+
+# -- binding primitives -----------------------------------------------------------------------
+def bind(prim: Primitive, *args, **params) -> Tensor:
+    """Apply ``prim`` to ``args`` (Tensors, raw arrays or Python scalars), recording it on every
+    trace level its arguments belong to."""
+    level = 0
+    for a in args:
+        if type(a) is Tensor and a._level > level:
+            level = a._level
+    if level == 0 or not _state["grad_enabled"]:
+        return _evaluate(prim, args, params)
+    inner = [a._value if type(a) is Tensor and a._level == level else a for a in args]
+    out = bind(prim, *inner, **params)
+    active = [i for i, a in enumerate(args) if type(a) is Tensor and a._level == level]
+    first = args[active[0]]
+    if first._node is not None or first._tangent is None:  # reverse mode
+        parents = tuple((i, args[i]._node) for i in active)
+        return make(out, level, Node(prim, inner, params, out, parents))
+    tangent = None
+    for i in active:
+        contribution = prim.jvp_contribution(i, args[i]._tangent, out, inner, params)
+        tangent = contribution if tangent is None else bind(_ADD, tangent, contribution)
+    return make(out, level, None, tangent)
+
+
+def _evaluate(prim: Primitive, args, params) -> Tensor:
+    raws, array_type = [], None
+    for a in args:
+        r = a.raw if type(a) is Tensor else a
+        if not isinstance(r, _SCALARS):
+            if array_type is None:
+                array_type = type(r)
+            elif type(r) is not array_type:
+                _mixed_backends(prim, args)
+        raws.append(r)
+    if array_type is None:
+        raise TypeError(f"{prim.name}: needs at least one array argument, got {args!r}")
+    xp = backend_of(raws[next(i for i, r in enumerate(raws) if type(r) is array_type)]).xp
+    out = prim.impl(xp, *raws, **params)
+    if type(out) is not array_type:  # NumPy turns 0-d results into scalars
+        out = xp.asarray(out)
+    if _state["anomaly"]:
+        _check_finite(prim, xp, out, raws)
+    return make(out)
+
+
+def _mixed_backends(prim: Primitive, args) -> None:
+    seen = []
+    for a in args:
+        r = a.raw if type(a) is Tensor else a
+        if not isinstance(r, _SCALARS):
+            try:
+                name = backend_of(r).name
+            except TypeError:
+                name = type(r).__module__ + "." + type(r).__qualname__
+            seen.append(f"{name} {tuple(r.shape)}")
+    raise TypeError(
+        f"{getattr(prim, 'name', prim)}: arrays from different backends in one op: {', '.join(seen)}. "
+        "Move them to one backend first (miniresnet.to_backend(x, name))."
+    )
+
+
+def _check_finite(prim, xp, out, raws) -> None:
+    if not xp.isdtype(out.dtype, "real floating") or bool(xp.all(xp.isfinite(out))):
+        return
+    kind = "nan" if bool(xp.any(xp.isnan(out))) else "inf"
+    shapes = ", ".join(str(tuple(r.shape)) if hasattr(r, "shape") else repr(r) for r in raws)
+    where = _state["backward_op"]
+    phase = f"backward pass (derivative rule of '{where}')" if where else "forward pass"
+    raise FloatingPointError(
+        f"anomaly: '{prim.name}' produced {kind} in the {phase}; inputs: {shapes}"
+    )
+
+
+# -- the reverse pass -------------------------------------------------------------------------
+def toposort(root: Node) -> list[Node]:
+    """Nodes reachable from ``root``, each before all of its parents (iterative Kahn sort)."""
+    pending = {root: 0}
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for _, parent in node.parents:
+            if parent in pending:
+                pending[parent] += 1
+            else:
+                pending[parent] = 1
+                stack.append(parent)
+    order, ready = [], [root]
+    while ready:
+        node = ready.pop()
+        order.append(node)
+        for _, parent in node.parents:
+            pending[parent] -= 1
+            if pending[parent] == 0:
+                ready.append(parent)
+    return order
+
+
+def backward_pass(root: Node, g: Tensor, order: list[Node] | None = None, free: bool = False):
+    """Propagate cotangent ``g`` of ``root`` back to the leaves; return ``{leaf: cotangent}``.
+
+    ``g`` may carry leading batch axes (a stack of cotangents). With ``free=True`` each node's
+    saved values are released as soon as its rules have run.
+    """
+    if order is None:
+        order = toposort(root)
+    cts: dict[Node, Tensor] = {root: g}
+    leaves = {}
+    previous = _state["backward_op"]
+    try:
+        for node in order:
+            ct = cts.pop(node, None)
+            if node.prim is None:
+                if ct is not None:
+                    leaves[node] = ct
+                continue
+            if node.args is None:
+                raise RuntimeError(
+                    "backward through a graph that was already freed; pass retain_graph=True "
+                    "to the first backward() to call it twice"
+                )
+            if ct is None:
+                continue
+            _state["backward_op"] = node.prim.name
+            for argnum, parent in node.parents:
+                rule = node.prim.vjp_rule(argnum)
+                contribution = rule(ct, node.out, *node.args, **node.params)
+                old = cts.get(parent)
+                cts[parent] = contribution if old is None else bind(_ADD, old, contribution)
+            if free:
+                node.args = node.out = None
+    finally:
+        _state["backward_op"] = previous
+    return leaves
+
+
+_ADD: Primitive  # set by miniresnet.primitives (accumulation uses the add primitive)
+
+
+# -- global switches --------------------------------------------------------------------------
+@contextlib.contextmanager
+def no_grad() -> Iterator[None]:
+    """Inside this context nothing is recorded: results are constants for every derivative."""
+    old = _state["grad_enabled"]
+    _state["grad_enabled"] = False
+    try:
+        yield
+    finally:
+        _state["grad_enabled"] = old
+
+
+def is_grad_enabled() -> bool:
+    return _state["grad_enabled"]
+
+
+@contextlib.contextmanager
+def detect_anomaly() -> Iterator[None]:
+    """Raise ``FloatingPointError`` naming the first op that produces NaN or inf, forward or
+    backward (opt-in: it costs a device-to-host check per op)."""
+    old = _state["anomaly"]
+    _state["anomaly"] = True
+    try:
+        yield
+    finally:
+        _state["anomaly"] = old

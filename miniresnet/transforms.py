@@ -1,0 +1,221 @@
+"""Function transforms, named as in JAX and torch.func: grad, vjp, jvp, jacobian, hvp.
+
+They accept backend arrays or Tensors and return backend arrays. Used inside another transform
+(or on functions of tensors with ``requires_grad=True``) they return Tensors instead, still
+traced, so that transforms nest: ``grad(grad(f))`` is the second derivative.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from miniresnet import ops
+from miniresnet.tracing import (
+    Tensor,
+    as_tensor,
+    backward_pass,
+    finalize,
+    leaf_node,
+    make,
+    new_level,
+    toposort,
+)
+
+
+def _argnums(argnums, nargs: int, name: str) -> tuple[int, ...]:
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+    for i in nums:
+        if not -nargs <= i < nargs:
+            raise ValueError(f"{name}: argnums {argnums} out of range for {nargs} arguments")
+    return tuple(i % nargs for i in nums)
+
+
+def _partial(f: Callable, args: tuple, nums: tuple[int, ...]) -> Callable:
+    def g(*diff):
+        full = list(args)
+        for i, d in zip(nums, diff):
+            full[i] = d
+        return f(*full)
+
+    return g
+
+
+def _check_float(name: str, x: Tensor, what: str) -> None:
+    xp = x.backend.xp
+    if not xp.isdtype(x.dtype, "real floating"):
+        raise TypeError(f"{name}: {what} must be floating point to be differentiated, got {x.dtype}")
+
+
+def _output(name: str, out) -> Tensor:
+    if not isinstance(out, Tensor):
+        try:
+            out = as_tensor(out)
+        except Exception:
+            raise TypeError(
+                f"{name}: the function must return one array or Tensor, got {type(out).__name__}"
+            ) from None
+    return out
+
+
+def vjp(f: Callable, *primals):
+    """Evaluate ``f(*primals)`` and return ``(out, vjp_fn)``.
+
+    ``vjp_fn(cotangent)`` returns a tuple with one cotangent per primal. It can be called many
+    times (the graph is kept at the fixed linearisation point) and accepts a *stack* of
+    cotangents of shape ``(k, ...) + out.shape`` (any number of leading axes), returning
+    ``(k, ...) + primal.shape`` for each primal, all in one reverse pass.
+
+    Examples
+    --------
+    >>> import numpy as np, miniresnet as mr
+    >>> out, vjp_fn = mr.vjp(lambda x: x * x, np.array([1.0, 2.0]))
+    >>> vjp_fn(np.eye(2))[0]          # two cotangents at once: the Jacobian's rows
+    array([[2., 0.],
+           [0., 4.]])
+    """
+    level = new_level()
+    inputs = [as_tensor(p) for p in primals]
+    for x in inputs:
+        _check_float("vjp", x, "every primal")
+    nodes = [leaf_node() for _ in inputs]
+    out = _output("vjp", f(*(make(x, level, n) for x, n in zip(inputs, nodes))))
+    root = out._node if out._level == level else None
+    value = out._value if root is not None else out
+    order = toposort(root) if root is not None else None
+
+    def vjp_fn(cotangent):
+        ct = as_tensor(cotangent)
+        k = ct.ndim - value.ndim
+        if k < 0 or ct.shape[k:] != value.shape:
+            raise ValueError(
+                f"vjp_fn: cotangent shape {ct.shape} must be the output shape {value.shape}, "
+                "optionally with leading batch axes"
+            )
+        if ct.dtype != value.dtype:
+            raise TypeError(f"vjp_fn: cotangent dtype {ct.dtype} != output dtype {value.dtype}")
+        leaves = backward_pass(root, ct, order) if root is not None else {}
+        batch = ct.shape[:k]
+        results = []
+        for x, node in zip(inputs, nodes):
+            g = leaves.get(node)
+            if g is None:
+                g = ops.zeros_like(x, shape=batch + x.shape)
+            results.append(finalize(g))
+        return tuple(results)
+
+    return finalize(value), vjp_fn
+
+
+def value_and_grad(f: Callable, argnums: int | Sequence[int] = 0) -> Callable:
+    """Like :func:`grad`, but the returned function gives ``(f(*args), gradient)``."""
+
+    def wrapped(*args):
+        nums = _argnums(argnums, len(args), "grad")
+        out, vjp_fn = vjp(_partial(f, args, nums), *(args[i] for i in nums))
+        out_t = as_tensor(out)
+        if out_t.size != 1:
+            raise ValueError(
+                f"grad: the function must return a scalar, got shape {out_t.shape}; use vjp or "
+                "jacobian for non-scalar outputs"
+            )
+        grads = vjp_fn(ops.ones_like(out_t))
+        return out, grads[0] if isinstance(argnums, int) else grads
+
+    return wrapped
+
+
+def grad(f: Callable, argnums: int | Sequence[int] = 0) -> Callable:
+    """The gradient of a scalar-valued ``f`` with respect to argument(s) ``argnums``.
+
+    Examples
+    --------
+    >>> import miniresnet as mr
+    >>> mr.grad(lambda x: (x ** 3).sum())(2.0)
+    array(12.)
+    >>> mr.grad(mr.grad(lambda x: (x ** 3).sum()))(2.0)
+    array(12.)
+    """
+    vg = value_and_grad(f, argnums)
+    return lambda *args: vg(*args)[1]
+
+
+def jvp(f: Callable, primals: Sequence, tangents: Sequence):
+    """Forward mode: ``(f(*primals), J(primals) @ tangents)`` in one pass.
+
+    ``primals`` and ``tangents`` are tuples of equal length and matching shapes and dtypes.
+    ``f`` may return one array or a tuple of arrays.
+    """
+    if not isinstance(primals, (tuple, list)) or not isinstance(tangents, (tuple, list)):
+        raise TypeError("jvp: primals and tangents must be tuples, e.g. jvp(f, (x,), (v,))")
+    if len(primals) != len(tangents):
+        raise ValueError(f"jvp: {len(primals)} primals but {len(tangents)} tangents")
+    level = new_level()
+    xs = []
+    for p, t in zip(primals, tangents):
+        p, t = as_tensor(p), as_tensor(t)
+        _check_float("jvp", p, "every primal")
+        if p.shape != t.shape or p.dtype != t.dtype:
+            raise ValueError(
+                f"jvp: tangent {t.shape} {t.dtype} does not match primal {p.shape} {p.dtype}"
+            )
+        xs.append(make(p, level, None, t))
+    out = f(*xs)
+
+    def split(o):
+        o = _output("jvp", o)
+        if o._level == level:
+            return finalize(o._value), finalize(o._tangent)
+        return finalize(o), finalize(ops.zeros_like(o))
+
+    if isinstance(out, (tuple, list)):
+        pairs = [split(o) for o in out]
+        return tuple(p for p, _ in pairs), tuple(t for _, t in pairs)
+    return split(out)
+
+
+def _default_chunk(n: int, sizes) -> int:
+    return max(1, min(n, 2**22 // max(1, *sizes)))
+
+
+def jacobian(f: Callable, argnums: int | Sequence[int] = 0, *, chunk_size: int | None = None):
+    """The exact dense Jacobian of ``f``, of shape ``out.shape + arg.shape``.
+
+    Computed by reverse passes that each carry ``chunk_size`` basis cotangents at once (default:
+    as many as fit a few million numbers), not one pass per output element.
+    """
+
+    def wrapped(*args):
+        nums = _argnums(argnums, len(args), "jacobian")
+        out, vjp_fn = vjp(_partial(f, args, nums), *(args[i] for i in nums))
+        out_t = as_tensor(out)
+        xs = [as_tensor(args[i]) for i in nums]
+        n = out_t.size
+        chunk = chunk_size or _default_chunk(n, [out_t.size] + [x.size for x in xs])
+        xp = out_t.backend.xp
+        blocks: list[list[Tensor]] = [[] for _ in nums]
+        for start in range(0, n, chunk):
+            k = min(chunk, n - start)
+            basis = make(xp.reshape(xp.eye(k, n, k=start, dtype=out_t.dtype), (k,) + out_t.shape))
+            for block, ct in zip(blocks, vjp_fn(basis)):
+                block.append(as_tensor(ct))
+        jacs = tuple(
+            finalize(ops.reshape(ops.concat(b, 0) if len(b) > 1 else b[0], out_t.shape + x.shape))
+            for b, x in zip(blocks, xs)
+        )
+        return jacs[0] if isinstance(argnums, int) else jacs
+
+    return wrapped
+
+
+def hvp(f: Callable, primals, tangents):
+    """Hessian-vector product of a scalar ``f`` (forward-over-reverse: ``jvp`` of ``grad``).
+
+    ``primals`` and ``tangents`` are arrays (or tuples of arrays, for several arguments); the
+    result has the same structure.
+    """
+    single = not isinstance(primals, (tuple, list))
+    primals = (primals,) if single else tuple(primals)
+    tangents = (tangents,) if single else tuple(tangents)
+    g = grad(f, argnums=tuple(range(len(primals))))
+    _, out = jvp(g, primals, tangents)
+    return out[0] if single else out
