@@ -1,0 +1,426 @@
+"""Backend base class, host-side RNG and array-API-only im2col / col2im.
+
+Everything here uses only the array API standard through the namespace ``xp`` it is given
+(or that :func:`array_api_compat.array_namespace` infers), so it runs unchanged on NumPy,
+array-api-strict and CuPy. Backend modules subclass :class:`Backend` and override what they can
+do faster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = [
+    "Backend",
+    "BackendUnavailable",
+    "Rng",
+    "col2im",
+    "conv_output_size",
+    "im2col",
+    "to_host",
+]
+
+ShapeLike = int | Sequence[int]
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend was requested that cannot be used here; the message says why and how to fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# shape helpers shared by every implementation
+# ----------------------------------------------------------------------------------------------
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int | np.integer):
+        return int(value), int(value)
+    a, b = value
+    return int(a), int(b)
+
+
+def conv_output_size(
+    height: int,
+    width: int,
+    kh: int,
+    kw: int,
+    stride: int | Sequence[int],
+    padding: int | Sequence[int],
+) -> tuple[int, int, int, int, int, int]:
+    """Validate a convolution geometry and return ``(OH, OW, sh, sw, ph, pw)``.
+
+    Raises
+    ------
+    ValueError
+        If a kernel size or stride is < 1, a padding is < 0, or the output would be empty.
+    """
+    sh, sw = _pair(stride)
+    ph, pw = _pair(padding)
+    if kh < 1 or kw < 1:
+        raise ValueError(f"kernel size must be >= 1, got ({kh}, {kw})")
+    if sh < 1 or sw < 1:
+        raise ValueError(f"stride must be >= 1, got ({sh}, {sw})")
+    if ph < 0 or pw < 0:
+        raise ValueError(f"padding must be >= 0, got ({ph}, {pw})")
+    oh = (height + 2 * ph - kh) // sh + 1
+    ow = (width + 2 * pw - kw) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(
+            f"empty convolution output: input {height}x{width}, kernel {kh}x{kw}, "
+            f"stride ({sh}, {sw}), padding ({ph}, {pw}) gives {oh}x{ow}"
+        )
+    return oh, ow, sh, sw, ph, pw
+
+
+def _check_cols(cols: Any) -> tuple[int, ...]:
+    shape = tuple(cols.shape)
+    if len(shape) != 6:
+        raise ValueError(f"cols must have shape (N, C, kh, kw, OH, OW), got {shape}")
+    return shape
+
+
+def _check_image(x: Any) -> tuple[int, ...]:
+    shape = tuple(x.shape)
+    if len(shape) != 4:
+        raise ValueError(f"x must have shape (N, C, H, W), got {shape}")
+    return shape
+
+
+def _check_col2im_shape(
+    cols_shape: tuple[int, ...], oh: int, ow: int, height: int, width: int
+) -> None:
+    if cols_shape[4:] != (oh, ow):
+        raise ValueError(
+            f"cols of shape {cols_shape} do not fit an output of {height}x{width}: "
+            f"the geometry gives OH, OW = {oh}, {ow}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# array-API-only im2col / col2im (reference implementation, used by array_api_strict and cupy)
+# ----------------------------------------------------------------------------------------------
+
+
+def im2col(
+    x: Any,
+    kh: int,
+    kw: int,
+    stride: int | Sequence[int] = (1, 1),
+    padding: int | Sequence[int] = (0, 0),
+    *,
+    xp: ModuleType | None = None,
+) -> Any:
+    """Unfold (N, C, H, W) images into (N, C, kh, kw, OH, OW) patches.
+
+    ``cols[n, c, i, j, oh, ow] = xpad[n, c, oh*sh + i, ow*sw + j]`` where ``xpad`` is ``x``
+    zero-padded by ``ph`` rows and ``pw`` columns on each side. The result is a new array with
+    the dtype of ``x``. Uses only the array API standard (zero buffer, basic slicing, stack).
+    """
+    if xp is None:
+        xp = array_api_compat.array_namespace(x)
+    n, c, h, w = _check_image(x)
+    oh, ow, sh, sw, ph, pw = conv_output_size(h, w, kh, kw, stride, padding)
+    if ph or pw:
+        xpad = xp.zeros(
+            (n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype, device=array_api_compat.device(x)
+        )
+        xpad[:, :, ph : ph + h, pw : pw + w] = x
+    else:
+        xpad = x
+    h_span = sh * (oh - 1) + 1
+    w_span = sw * (ow - 1) + 1
+    patches = [
+        xpad[:, :, i : i + h_span : sh, j : j + w_span : sw] for i in range(kh) for j in range(kw)
+    ]
+    return xp.reshape(xp.stack(patches, axis=2), (n, c, kh, kw, oh, ow))
+
+
+def col2im(
+    cols: Any,
+    height: int,
+    width: int,
+    stride: int | Sequence[int] = (1, 1),
+    padding: int | Sequence[int] = (0, 0),
+    *,
+    xp: ModuleType | None = None,
+) -> Any:
+    """Adjoint of :func:`im2col`: fold (N, C, kh, kw, OH, OW) patches back to (N, C, H, W).
+
+    Every ``cols[n, c, i, j, oh, ow]`` is added into ``xpad[n, c, oh*sh + i, ow*sw + j]``; the
+    padded border is then dropped. Uses only the array API standard (basic-slice setitem).
+    """
+    if xp is None:
+        xp = array_api_compat.array_namespace(cols)
+    shape = _check_cols(cols)
+    n, c, kh, kw = shape[:4]
+    oh, ow, sh, sw, ph, pw = conv_output_size(height, width, kh, kw, stride, padding)
+    _check_col2im_shape(shape, oh, ow, height, width)
+    buf = xp.zeros(
+        (n, c, height + 2 * ph, width + 2 * pw),
+        dtype=cols.dtype,
+        device=array_api_compat.device(cols),
+    )
+    h_span = sh * (oh - 1) + 1
+    w_span = sw * (ow - 1) + 1
+    for i in range(kh):
+        for j in range(kw):
+            # within one (i, j) no target index repeats, so a plain read-add-write is exact
+            region = (slice(None), slice(None), slice(i, i + h_span, sh), slice(j, j + w_span, sw))
+            buf[region] = buf[region] + cols[:, :, i, j, :, :]
+    if ph or pw:
+        return buf[:, :, ph : ph + height, pw : pw + width]
+    return buf
+
+
+# ----------------------------------------------------------------------------------------------
+# host transfer helper
+# ----------------------------------------------------------------------------------------------
+
+
+def to_host(obj: Any) -> Any:
+    """Best-effort host (NumPy) view or copy of an array from any backend; other objects pass."""
+    if isinstance(obj, np.ndarray | np.generic):
+        return obj
+    if hasattr(obj, "__array_namespace__"):
+        get = getattr(obj, "get", None)  # cupy.ndarray.get() copies device -> host
+        if callable(get) and type(obj).__module__.startswith("cupy"):
+            return get()
+        try:
+            return np.from_dlpack(obj)
+        except Exception:  # noqa: BLE001 - fall back to the buffer protocol / __array__
+            return np.asarray(obj)
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# random numbers
+# ----------------------------------------------------------------------------------------------
+
+
+def _shape(shape: ShapeLike) -> tuple[int, ...]:
+    if isinstance(shape, int | np.integer):
+        return (int(shape),)
+    return tuple(int(s) for s in shape)
+
+
+class Rng:
+    """Reproducible random numbers delivered as arrays of one backend.
+
+    All numbers are drawn on the host by ``numpy.random.Generator(numpy.random.PCG64(seed))``
+    and then transferred with :meth:`Backend.asarray`. Hence the same seed and the same sequence
+    of calls give bit-identical numbers on every backend. Floating draws are made in float64 and
+    rounded to the requested dtype, so a float32 draw equals the float64 draw rounded.
+
+    Parameters
+    ----------
+    backend : Backend
+        Backend whose arrays the methods return.
+    seed : int or None
+        Seed for PCG64; ``None`` takes fresh entropy from the OS.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        seed: int | None = None,
+        *,
+        generator: np.random.Generator | None = None,
+    ) -> None:
+        self.backend = backend
+        self.seed = seed
+        self.generator = (
+            generator if generator is not None else np.random.Generator(np.random.PCG64(seed))
+        )
+
+    def __repr__(self) -> str:
+        return f"Rng(backend={self.backend.name!r}, seed={self.seed!r})"
+
+    def _float(self, host: Any, dtype: Any) -> Any:
+        name = self.backend.dtype_name(dtype)
+        if name not in ("float32", "float64"):
+            raise ValueError(f"expected a floating dtype (float32 or float64), got {dtype!r}")
+        return self.backend.asarray(np.asarray(host, dtype=np.dtype(name)))
+
+    def normal(
+        self, shape: ShapeLike, dtype: Any = "float64", mean: float = 0.0, std: float = 1.0
+    ) -> Any:
+        """Samples from N(mean, std**2) of the given shape and floating dtype."""
+        return self._float(self.generator.normal(mean, std, size=_shape(shape)), dtype)
+
+    def uniform(
+        self, shape: ShapeLike, dtype: Any = "float64", low: float = 0.0, high: float = 1.0
+    ) -> Any:
+        """Samples from U[low, high) of the given shape and floating dtype."""
+        return self._float(self.generator.uniform(low, high, size=_shape(shape)), dtype)
+
+    def integers(self, low: int, high: int, shape: ShapeLike) -> Any:
+        """Uniform int64 integers in ``[low, high)``."""
+        host = self.generator.integers(low, high, size=_shape(shape), dtype=np.int64)
+        return self.backend.asarray(np.asarray(host, dtype=np.int64))
+
+    def permutation(self, n: int) -> Any:
+        """A random permutation of ``0 .. n-1`` as an int64 array."""
+        return self.backend.asarray(self.generator.permutation(int(n)).astype(np.int64))
+
+    def spawn(self, n: int) -> list[Rng]:
+        """``n`` statistically independent child generators (``numpy`` ``Generator.spawn``)."""
+        return [Rng(self.backend, None, generator=g) for g in self.generator.spawn(n)]
+
+
+# ----------------------------------------------------------------------------------------------
+# backend base class
+# ----------------------------------------------------------------------------------------------
+
+
+class Backend:
+    """One array backend: its array-API namespace plus the few backend-specific operations.
+
+    Instances are created lazily and cached by :func:`miniresnet.backends.get_backend`; do not
+    construct them directly. This base class implements everything with the array API standard
+    only; subclasses override what their library does faster.
+
+    Attributes
+    ----------
+    name : str
+        ``"numpy"``, ``"array_api_strict"`` or ``"cupy"``.
+    xp : module
+        The array API namespace (``array_api_compat.numpy``, ``array_api_strict``,
+        ``array_api_compat.cupy``).
+    array_type : type
+        The type of this backend's arrays.
+    """
+
+    name: str
+    xp: ModuleType
+    array_type: type
+
+    def __init__(self, name: str, xp: ModuleType, array_type: type) -> None:
+        self.name = name
+        self.xp = xp
+        self.array_type = array_type
+        self._dtypes: dict[str, Any] = dict(xp.__array_namespace_info__().dtypes())
+        self._dtype_cache: dict[Any, Any] = {}
+
+    def __repr__(self) -> str:
+        return f"<Backend {self.name!r}>"
+
+    # -- dtypes ---------------------------------------------------------------------------------
+
+    def dtype(self, name: Any) -> Any:
+        """The namespace's dtype for ``name``.
+
+        ``name`` may be a string (``"float64"``, ``"float32"``, ``"int64"``, ``"bool"``, ... any
+        dtype the namespace has), a dtype of this namespace, or anything ``numpy.dtype`` accepts
+        (a NumPy dtype, ``float``, ...).
+
+        Raises
+        ------
+        ValueError
+            If the dtype is unknown to this backend.
+        """
+        # keyed by (type, value): never compares dtypes of different libraries for equality
+        key = (type(name), name)
+        try:
+            return self._dtype_cache[key]
+        except (KeyError, TypeError):  # TypeError: unhashable
+            pass
+        found = self._lookup_dtype(name)
+        try:
+            self._dtype_cache[key] = found
+        except TypeError:
+            pass
+        return found
+
+    def _lookup_dtype(self, name: Any) -> Any:
+        if isinstance(name, str):
+            key = name
+        else:
+            for value in self._dtypes.values():
+                if type(value) is type(name) and value == name:
+                    return value
+            try:
+                key = np.dtype(name).name
+            except TypeError:
+                key = None
+        if key not in self._dtypes:
+            raise ValueError(
+                f"unknown dtype {name!r} for backend {self.name!r}; "
+                f"valid names: {', '.join(self._dtypes)}"
+            )
+        return self._dtypes[key]
+
+    def dtype_name(self, dtype: Any) -> str:
+        """The standard name (``"float64"``, ...) of a dtype in any form :meth:`dtype` takes."""
+        found = self.dtype(dtype)
+        for key, value in self._dtypes.items():
+            if value == found:
+                return key
+        raise AssertionError(f"dtype {found!r} has no name")  # pragma: no cover
+
+    # -- host transfer --------------------------------------------------------------------------
+
+    def asarray(self, obj: Any, dtype: Any = None, *, copy: bool | None = None) -> Any:
+        """Make a backend array from host data (Python scalars / lists, NumPy arrays).
+
+        Python floats become float64, Python ints int64 and bools bool, unless ``dtype`` (a
+        string such as ``"float32"`` or a dtype) says otherwise. Arrays of another backend are
+        first brought to the host. ``copy`` follows the array API: ``None`` copies only when
+        needed, so on the host backends the result may share memory with a NumPy input.
+        """
+        if not isinstance(obj, self.array_type):
+            obj = to_host(obj)
+        if dtype is not None:
+            dtype = self.dtype(dtype)
+        return self.xp.asarray(obj, dtype=dtype, copy=copy)
+
+    def to_numpy(self, x: Any, *, copy: bool = True) -> np.ndarray:
+        """A NumPy array with the values of ``x`` (a copy unless ``copy=False`` allows sharing)."""
+        host = to_host(x)
+        return np.array(host, copy=True) if copy else np.asarray(host)
+
+    # -- random numbers -------------------------------------------------------------------------
+
+    def rng(self, seed: int | None = None) -> Rng:
+        """A :class:`Rng` seeded with ``seed``, producing arrays of this backend."""
+        return Rng(self, seed)
+
+    # -- convolution helpers --------------------------------------------------------------------
+
+    def im2col(
+        self,
+        x: Any,
+        kh: int,
+        kw: int,
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+    ) -> Any:
+        """Unfold (N, C, H, W) into a new (N, C, kh, kw, OH, OW) array of patches.
+
+        ``cols[n, c, i, j, oh, ow] = xpad[n, c, oh*sh + i, ow*sw + j]`` with ``xpad`` the input
+        zero-padded by ``padding = (ph, pw)`` on both sides; ``OH = (H + 2 ph - kh) // sh + 1``
+        and likewise ``OW``. Raises ``ValueError`` for a bad geometry or an empty output.
+        """
+        return im2col(x, kh, kw, stride, padding, xp=self.xp)
+
+    def col2im(
+        self,
+        cols: Any,
+        height: int,
+        width: int,
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+    ) -> Any:
+        """The adjoint of :meth:`im2col`: sum (N, C, kh, kw, OH, OW) patches into (N, C, H, W).
+
+        ``<col2im(y), x> == <y, im2col(x)>`` up to rounding. Raises ``ValueError`` if the shape of
+        ``cols`` does not match the geometry.
+        """
+        return col2im(cols, height, width, stride, padding, xp=self.xp)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (only CuPy has any); use around timings."""

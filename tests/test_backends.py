@@ -1,0 +1,473 @@
+"""Tests for miniresnet.backends: im2col / col2im, RNG, host transfer, registry and errors."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from miniresnet.backends import (
+    BACKEND_NAMES,
+    Backend,
+    BackendUnavailable,
+    Rng,
+    _generic,
+    _numpy,
+    available_backends,
+    backend_of,
+    get_backend,
+    is_available,
+)
+
+from miniresnet import backends
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+BACKEND_PARAMS = [
+    pytest.param(name, marks=pytest.mark.cupy) if name == "cupy" else name for name in BACKEND_NAMES
+]
+
+
+@pytest.fixture(scope="module", params=BACKEND_PARAMS)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    ok, why = is_available(request.param)
+    if not ok:
+        pytest.skip(why)
+    return get_backend(request.param)
+
+
+# ----------------------------------------------------------------------------------------------
+# naive references in plain NumPy
+# ----------------------------------------------------------------------------------------------
+
+
+def out_size(h, w, kh, kw, stride, padding):
+    return (h + 2 * padding[0] - kh) // stride[0] + 1, (w + 2 * padding[1] - kw) // stride[1] + 1
+
+
+def ref_im2col(x, kh, kw, stride, padding):
+    n, c, h, w = x.shape
+    oh, ow = out_size(h, w, kh, kw, stride, padding)
+    cols = np.zeros((n, c, kh, kw, oh, ow), dtype=x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            for a in range(oh):
+                for b in range(ow):
+                    r = a * stride[0] + i - padding[0]
+                    q = b * stride[1] + j - padding[1]
+                    if 0 <= r < h and 0 <= q < w:
+                        cols[:, :, i, j, a, b] = x[:, :, r, q]
+    return cols
+
+
+def ref_col2im(cols, h, w, stride, padding):
+    n, c, kh, kw, oh, ow = cols.shape
+    out = np.zeros((n, c, h, w), dtype=cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            for a in range(oh):
+                for b in range(ow):
+                    r = a * stride[0] + i - padding[0]
+                    q = b * stride[1] + j - padding[1]
+                    if 0 <= r < h and 0 <= q < w:
+                        out[:, :, r, q] += cols[:, :, i, j, a, b]
+    return out
+
+
+@st.composite
+def geometries(draw):
+    """(N, C, H, W, kh, kw, stride, padding) with a non-empty output."""
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    h, w = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    kh, kw = draw(st.integers(1, 4)), draw(st.integers(1, 4))
+    stride = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    padding = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    oh, ow = out_size(h, w, kh, kw, stride, padding)
+    assume(oh >= 1 and ow >= 1)
+    return n, c, h, w, kh, kw, stride, padding
+
+
+def host_normal(seed, shape, dtype=np.float64):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+# the strict backend is slow enough on the first examples to trip the default deadline
+relaxed = settings(deadline=None)
+
+# ----------------------------------------------------------------------------------------------
+# im2col / col2im
+# ----------------------------------------------------------------------------------------------
+
+
+@relaxed
+@given(geom=geometries(), seed=st.integers(0, 2**32 - 1))
+def test_im2col_matches_reference(backend, geom, seed):
+    n, c, h, w, kh, kw, stride, padding = geom
+    x = host_normal(seed, (n, c, h, w))
+    cols = backend.im2col(backend.asarray(x), kh, kw, stride, padding)
+    assert isinstance(cols, backend.array_type)
+    np.testing.assert_array_equal(backend.to_numpy(cols), ref_im2col(x, kh, kw, stride, padding))
+
+
+@relaxed
+@given(geom=geometries(), seed=st.integers(0, 2**32 - 1))
+def test_col2im_matches_reference(backend, geom, seed):
+    n, c, h, w, kh, kw, stride, padding = geom
+    oh, ow = out_size(h, w, kh, kw, stride, padding)
+    y = host_normal(seed, (n, c, kh, kw, oh, ow))
+    out = backend.col2im(backend.asarray(y), h, w, stride, padding)
+    assert isinstance(out, backend.array_type)
+    np.testing.assert_allclose(
+        backend.to_numpy(out), ref_col2im(y, h, w, stride, padding), rtol=1e-13, atol=1e-13
+    )
+
+
+@relaxed
+@given(geom=geometries(), seed=st.integers(0, 2**32 - 1))
+def test_col2im_is_adjoint_of_im2col(backend, geom, seed):
+    n, c, h, w, kh, kw, stride, padding = geom
+    oh, ow = out_size(h, w, kh, kw, stride, padding)
+    x = host_normal(seed, (n, c, h, w))
+    y = host_normal(seed + 1, (n, c, kh, kw, oh, ow))
+    cols = backend.to_numpy(backend.im2col(backend.asarray(x), kh, kw, stride, padding))
+    back = backend.to_numpy(backend.col2im(backend.asarray(y), h, w, stride, padding))
+    lhs, rhs = float(np.vdot(back, x)), float(np.vdot(y, cols))
+    scale = float(np.vdot(np.abs(y), np.abs(cols))) + float(np.vdot(np.abs(back), np.abs(x)))
+    assert abs(lhs - rhs) <= 1e-12 * max(scale, 1e-300)
+
+
+@relaxed
+@given(geom=geometries(), seed=st.integers(0, 2**32 - 1))
+def test_numpy_fast_path_equals_generic(geom, seed):
+    n, c, h, w, kh, kw, stride, padding = geom
+    oh, ow = out_size(h, w, kh, kw, stride, padding)
+    x = host_normal(seed, (n, c, h, w))
+    y = host_normal(seed + 1, (n, c, kh, kw, oh, ow))
+    xp = get_backend("numpy").xp
+    fast = _numpy.im2col(x, kh, kw, stride, padding)
+    generic = _generic.im2col(x, kh, kw, stride, padding, xp=xp)
+    np.testing.assert_array_equal(fast, generic)
+    fast_back = _numpy.col2im(y, h, w, stride, padding)
+    generic_back = _generic.col2im(y, h, w, stride, padding, xp=xp)
+    np.testing.assert_allclose(fast_back, generic_back, rtol=1e-15, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int64", "bool"])
+def test_im2col_preserves_dtype(backend, dtype):
+    x = backend.asarray((np.arange(2 * 3 * 5 * 4).reshape(2, 3, 5, 4) % 3).astype(dtype))
+    cols = backend.im2col(x, 3, 2, (2, 1), (1, 0))
+    assert cols.dtype == backend.dtype(dtype)
+    assert cols.shape == (2, 3, 3, 2, 3, 3)
+    host = backend.to_numpy(x)
+    np.testing.assert_array_equal(backend.to_numpy(cols), ref_im2col(host, 3, 2, (2, 1), (1, 0)))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_col2im_preserves_dtype(backend, dtype):
+    y = backend.asarray(host_normal(0, (2, 3, 3, 2, 3, 3)), dtype=dtype)
+    out = backend.col2im(y, 5, 4, (2, 1), (1, 0))
+    assert out.dtype == backend.dtype(dtype)
+    assert out.shape == (2, 3, 5, 4)
+
+
+def test_im2col_returns_a_fresh_array(backend):
+    host = host_normal(0, (1, 2, 4, 4))
+    x = backend.asarray(host)
+    cols = backend.im2col(x, 1, 1, (1, 1), (0, 0))  # the case where a view would be possible
+    as_host = backend.to_numpy(cols, copy=False)
+    assert not np.shares_memory(as_host, backend.to_numpy(x, copy=False))
+    np.testing.assert_array_equal(backend.to_numpy(x), host)
+
+
+def test_numpy_im2col_accepts_non_contiguous_input():
+    x = host_normal(3, (3, 2, 6, 5)).transpose(1, 0, 2, 3)  # (2, 3, 6, 5), not C-contiguous
+    np.testing.assert_array_equal(
+        _numpy.im2col(x, 2, 3, (2, 1), (1, 2)), ref_im2col(x, 2, 3, (2, 1), (1, 2))
+    )
+
+
+def test_conv_geometry_errors(backend):
+    x = backend.asarray(host_normal(0, (1, 1, 3, 3)))
+    with pytest.raises(ValueError, match="empty convolution output"):
+        backend.im2col(x, 5, 5, (1, 1), (0, 0))
+    with pytest.raises(ValueError, match="stride"):
+        backend.im2col(x, 1, 1, (0, 1), (0, 0))
+    with pytest.raises(ValueError, match="padding"):
+        backend.im2col(x, 1, 1, (1, 1), (-1, 0))
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        backend.im2col(backend.asarray(host_normal(0, (3, 3))), 1, 1, (1, 1), (0, 0))
+    cols = backend.im2col(x, 2, 2, (1, 1), (0, 0))
+    with pytest.raises(ValueError, match="do not fit"):
+        backend.col2im(cols, 4, 4, (1, 1), (0, 0))
+
+
+# ----------------------------------------------------------------------------------------------
+# random numbers
+# ----------------------------------------------------------------------------------------------
+
+
+def draw_all(rng: Rng, dtype: str) -> list[np.ndarray]:
+    be = rng.backend
+    return [
+        be.to_numpy(rng.normal((3, 4), dtype=dtype, mean=1.0, std=2.0)),
+        be.to_numpy(rng.uniform((5,), dtype=dtype, low=-1.0, high=3.0)),
+        be.to_numpy(rng.integers(0, 10, (2, 3))),
+        be.to_numpy(rng.permutation(7)),
+        be.to_numpy(rng.normal((), dtype=dtype)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_rng_same_seed_same_numbers_on_every_backend(backend, dtype):
+    reference = draw_all(get_backend("numpy").rng(1234), dtype)
+    for draws in (draw_all(backend.rng(1234), dtype), draw_all(backend.rng(1234), dtype)):
+        for got, want in zip(draws, reference, strict=True):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+    assert [a.dtype for a in reference[2:4]] == [np.int64, np.int64]
+    assert reference[0].dtype == np.dtype(dtype)
+    assert sorted(reference[3].tolist()) == list(range(7))
+
+
+def test_rng_values_and_types(backend):
+    rng = backend.rng(7)
+    a, b = rng.normal((50,)), rng.normal((50,))
+    assert isinstance(a, backend.array_type)
+    assert a.dtype == backend.dtype("float64")
+    assert not np.array_equal(backend.to_numpy(a), backend.to_numpy(b))  # the stream advances
+    u = backend.to_numpy(backend.rng(7).uniform((1000,), low=2.0, high=3.0))
+    assert u.min() >= 2.0 and u.max() < 3.0
+    k = backend.to_numpy(backend.rng(7).integers(-2, 3, (1000,)))
+    assert set(k.tolist()) == {-2, -1, 0, 1, 2}
+    expected = np.random.Generator(np.random.PCG64(7)).normal(0.0, 1.0, size=(50,))
+    np.testing.assert_array_equal(backend.to_numpy(a), expected)
+
+
+def test_rng_float32_is_float64_rounded():
+    be = get_backend("numpy")
+    np.testing.assert_array_equal(
+        be.rng(5).normal((20,), dtype="float32"),
+        be.rng(5).normal((20,), dtype="float64").astype(np.float32),
+    )
+
+
+def test_rng_rejects_integer_float_dtype():
+    with pytest.raises(ValueError, match="floating"):
+        get_backend("numpy").rng(0).normal((2,), dtype="int64")
+
+
+def test_rng_spawn_and_seed_attribute():
+    be = get_backend("numpy")
+    rng = be.rng(11)
+    assert rng.seed == 11
+    kids1 = [k.normal((4,)) for k in be.rng(11).spawn(3)]
+    kids2 = [k.normal((4,)) for k in be.rng(11).spawn(3)]
+    for a, b in zip(kids1, kids2, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(kids1[0], kids1[1])
+    assert be.rng(None).normal((2,)).shape == (2,)
+
+
+# ----------------------------------------------------------------------------------------------
+# host transfer and dtypes
+# ----------------------------------------------------------------------------------------------
+
+
+def test_asarray_defaults_and_dtype_names(backend):
+    assert backend.asarray(1.5).dtype == backend.dtype("float64")
+    assert backend.asarray([1.0, 2.0]).dtype == backend.xp.float64
+    assert backend.asarray([1, 2]).dtype == backend.xp.int64
+    assert backend.asarray([True]).dtype == backend.xp.bool
+    assert backend.asarray([1, 2], dtype="float32").dtype == backend.xp.float32
+    assert backend.asarray([1, 2], dtype=backend.xp.float64).dtype == backend.xp.float64
+    for name in ("float64", "float32", "int64", "bool"):
+        assert backend.dtype(name) == getattr(backend.xp, name)
+        assert backend.dtype(np.dtype(name)) == getattr(backend.xp, name)
+        assert backend.dtype_name(backend.dtype(name)) == name
+    with pytest.raises(ValueError, match="unknown dtype"):
+        backend.dtype("float128x")
+
+
+def test_to_numpy_is_a_host_copy(backend):
+    host = host_normal(0, (2, 3))
+    x = backend.asarray(host)
+    out = backend.to_numpy(x)
+    assert type(out) is np.ndarray
+    np.testing.assert_array_equal(out, host)
+    out[0, 0] = 123.0
+    assert backend.to_numpy(x)[0, 0] == host[0, 0]
+    assert backend.to_numpy(backend.asarray(2.5)).shape == ()
+
+
+def test_asarray_copy_flag(backend):
+    host = host_normal(0, (3,))
+    x = backend.asarray(host, copy=True)
+    host[0] = 99.0
+    assert backend.to_numpy(x)[0] != 99.0
+
+
+def test_cross_backend_asarray():
+    np_be, strict_be = get_backend("numpy"), get_backend("array_api_strict")
+    a = strict_be.asarray([[1.0, 2.0], [3.0, 4.0]])
+    b = np_be.asarray(a)
+    assert type(b) is np.ndarray
+    np.testing.assert_array_equal(b, [[1.0, 2.0], [3.0, 4.0]])
+    c = strict_be.asarray(b, dtype="float32")
+    assert backend_of(c) is strict_be and c.dtype == strict_be.xp.float32
+
+
+def test_synchronize_is_callable(backend):
+    assert backend.synchronize() is None
+
+
+# ----------------------------------------------------------------------------------------------
+# registry and errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_get_backend_is_cached_and_typed(backend):
+    assert get_backend(backend.name) is backend
+    assert backend.name in BACKEND_NAMES
+    assert isinstance(backend.asarray([1.0]), backend.array_type)
+    assert backend.name in available_backends()
+    assert is_available(backend.name) == (True, "")
+
+
+def test_backend_of(backend):
+    x = backend.asarray([1.0, 2.0])
+    assert backend_of(x) is backend
+    assert backend_of(backend.xp.sum(x)) is backend  # a full reduction (NumPy: a scalar)
+    assert backend_of(backend.im2col(backend.asarray(np.ones((1, 1, 2, 2))), 1, 1)) is backend
+
+
+def test_backend_of_numpy_scalars_and_subclasses():
+    np_be = get_backend("numpy")
+    assert backend_of(np.float64(1.0)) is np_be
+    assert backend_of(np.int64(3)) is np_be
+    assert backend_of(np.bool_(True)) is np_be
+
+    class Sub(np.ndarray):
+        pass
+
+    assert backend_of(np.zeros(2).view(Sub)) is np_be
+
+
+@pytest.mark.parametrize("obj", [1.0, 3, True, [1.0, 2.0], "x", None])
+def test_backend_of_rejects_non_arrays(obj):
+    with pytest.raises(TypeError, match=type(obj).__qualname__) as info:
+        backend_of(obj)
+    assert "numpy" in str(info.value) and "array_api_strict" in str(info.value)
+
+
+def test_unknown_backend_lists_valid_names():
+    with pytest.raises(BackendUnavailable) as info:
+        get_backend("jax")
+    for name in BACKEND_NAMES:
+        assert name in str(info.value)
+    ok, why = is_available("jax")
+    assert not ok and "numpy" in why
+    assert issubclass(BackendUnavailable, RuntimeError)
+
+
+def test_numpy_always_available():
+    assert available_backends()[0] == "numpy"
+    assert set(available_backends()) <= set(BACKEND_NAMES)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is not None, reason="CuPy is importable here")
+def test_cupy_unavailable_message_says_how_to_fix():
+    ok, why = is_available("cupy")
+    assert not ok and 'pip install -e ".[cuda]"' in why
+    assert "cupy" not in available_backends()
+    with pytest.raises(BackendUnavailable, match=r'pip install -e "\.\[cuda\]"'):
+        get_backend("cupy")
+
+
+def test_strict_unavailable_message_mentions_install(monkeypatch):
+    from miniresnet.backends import _strict
+
+    monkeypatch.setattr(_strict, "_strict", None)
+    monkeypatch.setattr(_strict, "_IMPORT_ERROR", ImportError("No module named 'x'"))
+    ok, why = _strict.check_available()
+    assert not ok and "pip install array-api-strict" in why
+    with pytest.raises(BackendUnavailable, match="pip install array-api-strict"):
+        _strict.make_backend()
+
+
+def test_backends_package_imports_nothing_else_from_miniresnet():
+    allowed = {"numpy", "array_api_compat", "array_api_extra", "array_api_strict", "cupy"}
+    allowed |= {"__future__", "collections", "importlib", "threading", "types", "typing"}
+    folder = pathlib.Path(backends.__file__).parent
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                roots = [alias.name.partition(".")[0] for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    continue  # sibling module inside backends/
+                assert node.level == 0, f"{path.name}: relative import outside backends/"
+                roots = [(node.module or "").partition(".")[0]]
+            else:
+                continue
+            for root in roots:
+                assert root in allowed, f"{path.name} imports {root}"
+
+
+class _FakeRuntime:
+    def __init__(self, count):
+        self.count = count
+
+    def getDeviceCount(self):  # noqa: N802 - CuPy's name
+        if isinstance(self.count, Exception):
+            raise self.count
+        return self.count
+
+
+def _fake_cupy(count):
+    """NumPy dressed up as CuPy: enough to exercise the CuPy backend's glue without a GPU."""
+    synced = []
+
+    class Device:
+        def synchronize(self):
+            synced.append(True)
+
+    cuda = type("cuda", (), {"runtime": _FakeRuntime(count), "Device": Device})
+    fake = type("cupy", (), {"cuda": cuda, "ndarray": np.ndarray, "zeros": staticmethod(np.zeros)})
+    return fake, synced
+
+
+@pytest.mark.parametrize(
+    ("count", "expect"),
+    [(RuntimeError("no CUDA driver"), "no CUDA driver"), (0, "found no CUDA device")],
+)
+def test_cupy_probe_without_device(monkeypatch, count, expect):
+    from miniresnet.backends import _cupy
+
+    fake, _ = _fake_cupy(count)
+    monkeypatch.setattr(_cupy, "_cupy", fake)
+    monkeypatch.setattr(_cupy, "_status", None)
+    ok, why = _cupy.check_available()
+    assert not ok and expect in why
+    with pytest.raises(BackendUnavailable, match=expect):
+        _cupy.make_backend()
+
+
+def test_cupy_backend_glue_with_numpy_standing_in():
+    from miniresnet.backends import _cupy
+
+    fake, synced = _fake_cupy(1)
+    be = _cupy.CupyBackend(fake, get_backend("numpy").xp)
+    x = host_normal(0, (2, 3, 5, 4))
+    np.testing.assert_array_equal(
+        be.im2col(x, 3, 2, (2, 1), (1, 1)), ref_im2col(x, 3, 2, (2, 1), (1, 1))
+    )
+    y = host_normal(1, (2, 3, 3, 2, 3, 5))
+    np.testing.assert_allclose(
+        be.col2im(y, 5, 4, (2, 1), (1, 1)), ref_col2im(y, 5, 4, (2, 1), (1, 1)), rtol=1e-13
+    )
+    be.synchronize()
+    assert synced == [True]
