@@ -167,7 +167,7 @@ def cross_entropy(logits, target, reduction: str = "mean") -> Tensor:
             f"{target.shape}"
         )
     if not xp.isdtype(target.dtype, "integral"):
-        raise TypeError(f"cross_entropy: target must hold integer class indices, got {target.dtype}")
+        raise TypeError(f"cross_entropy: target must be integer class indices, not {target.dtype}")
     classes = logits.shape[1]
     if target.size:
         low, high = int(xp.min(target.raw)), int(xp.max(target.raw))

@@ -105,7 +105,8 @@ def _logsumexp_impl(xp, x, axis, keepdims):
     m = xp.max(x, axis=axis, keepdims=True)
     m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
     out = xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True)) + m
-    return out if keepdims else xp.reshape(out, tuple(d for i, d in enumerate(x.shape) if i not in axis))
+    return out if keepdims else xp.reshape(
+        out, tuple(d for i, d in enumerate(x.shape) if i not in axis))
 
 
 def _max_weights(ans, x, axis, keepdims):

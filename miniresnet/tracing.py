@@ -178,7 +178,7 @@ class Tensor:
 
     def item(self) -> float:
         if self.size != 1:
-            raise ValueError(f"item(): tensor of shape {self.shape} has {self.size} elements, not 1")
+            raise ValueError(f"item(): tensor of shape {self.shape} has {self.size} elements")
         return self.numpy().reshape(()).item()
 
     def __float__(self) -> float:
@@ -197,7 +197,8 @@ class Tensor:
     def __repr__(self) -> str:
         mode = ""
         if self._level:
-            mode = ", requires_grad=True" if self._level == EAGER_LEVEL else f", level={self._level}"
+            eager = self._level == EAGER_LEVEL
+            mode = ", requires_grad=True" if eager else f", level={self._level}"
         name = backend_of(self.raw).name
         return f"Tensor(shape={self.shape}, dtype={_dtype_name(self.dtype)}, backend={name}{mode})"
 
@@ -220,7 +221,7 @@ class Tensor:
         if gradient is None:
             if self.size != 1:
                 raise RuntimeError(
-                    f"backward(): gradient must be given for a non-scalar output (shape {self.shape})"
+                    f"backward(): pass gradient= for a non-scalar output (shape {self.shape})"
                 )
             from miniresnet import ops
 
@@ -228,7 +229,7 @@ class Tensor:
         else:
             g = as_tensor(gradient)
             if g.shape != self.shape:
-                raise ValueError(f"backward(): gradient shape {g.shape} != tensor shape {self.shape}")
+                raise ValueError(f"backward(): gradient shape {g.shape} != shape {self.shape}")
         for leaf, ct in backward_pass(self._node, g, free=not retain_graph).items():
             leaf.grad = ct if leaf.grad is None else leaf.grad + ct
 
@@ -318,7 +319,8 @@ def _mixed_backends(prim: Primitive, args) -> None:
                 name = type(r).__module__ + "." + type(r).__qualname__
             seen.append(f"{name} {tuple(r.shape)}")
     raise TypeError(
-        f"{getattr(prim, 'name', prim)}: arrays from different backends in one op: {', '.join(seen)}. "
+        f"{getattr(prim, 'name', prim)}: arrays from different backends in one op: "
+        f"{', '.join(seen)}. "
         "Move them to one backend first (miniresnet.to_backend(x, name))."
     )
 
@@ -397,7 +399,7 @@ def backward_pass(root: Node, g: Tensor, order: list[Node] | None = None, free: 
     return leaves
 
 
-_ADD: Primitive  # set by miniresnet.primitives (accumulation uses the add primitive)
+_ADD: Primitive | None = None  # the add primitive (set by miniresnet.primitives)
 
 
 # -- global switches --------------------------------------------------------------------------

@@ -43,7 +43,7 @@ def _partial(f: Callable, args: tuple, nums: tuple[int, ...]) -> Callable:
 def _check_float(name: str, x: Tensor, what: str) -> None:
     xp = x.backend.xp
     if not xp.isdtype(x.dtype, "real floating"):
-        raise TypeError(f"{name}: {what} must be floating point to be differentiated, got {x.dtype}")
+        raise TypeError(f"{name}: {what} must be floating point to differentiate, not {x.dtype}")
 
 
 def _output(name: str, out) -> Tensor:

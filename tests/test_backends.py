@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+
+from miniresnet import backends
 from miniresnet.backends import (
     BACKEND_NAMES,
     Backend,
@@ -22,8 +24,6 @@ from miniresnet.backends import (
     get_backend,
     is_available,
 )
-
-from miniresnet import backends
 
 pytestmark = pytest.mark.filterwarnings("error")
 
