@@ -322,6 +322,8 @@ def _basic_index(index) -> tuple:
                 f"getitem: only basic indexing (ints, slices, None, ...) is supported, got "
                 f"{type(i).__name__}; for picking entries use a one-hot mask or where()"
             )
+    if not any(i is Ellipsis for i in index):
+        index += (Ellipsis,)  # NumPy's implicit trailing axes, spelled out for the array API
     return index
 
 

@@ -176,6 +176,16 @@ class Tensor:
         """A host NumPy copy of the data (a NumPy array, whatever the backend)."""
         return backend_of(self.raw).to_numpy(self.raw)
 
+    def __array__(self, dtype=None, copy=None):
+        if self._level:
+            raise TypeError(
+                "a traced Tensor cannot become a NumPy array: NumPy functions do not record "
+                "derivatives. Use miniresnet's ops (mr.zeros_like, mr.exp, ...) inside "
+                "differentiated code, or .detach().numpy() for a host copy"
+            )
+        out = self.numpy()
+        return out if dtype is None else out.astype(dtype)
+
     def item(self) -> float:
         if self.size != 1:
             raise ValueError(f"item(): tensor of shape {self.shape} has {self.size} elements")
