@@ -9,7 +9,7 @@ array operations (``miniresnet.ops``, also exported here), neural-network functi
 from miniresnet import functional, ops
 from miniresnet import primitives as _primitives  # noqa: F401  (registers the primitive table)
 from miniresnet.backends import BackendUnavailable, available_backends, get_backend
-from miniresnet.config import current_backend, to_backend, use_backend
+from miniresnet.config import current_backend, to_backend, to_numpy, use_backend
 from miniresnet.creation import ones, tensor, zeros
 from miniresnet.ops import *  # noqa: F403
 from miniresnet.tracing import Primitive, Tensor, bind, detect_anomaly, is_grad_enabled, no_grad
@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable", "Primitive", "Tensor", "available_backends", "bind", "current_backend",
     "detect_anomaly", "functional", "get_backend", "grad", "hvp", "is_grad_enabled", "jacobian",
-    "jvp", "no_grad", "ones", "ops", "tensor", "to_backend", "use_backend", "value_and_grad",
+    "jvp", "no_grad", "ones", "ops", "tensor", "to_backend", "to_numpy", "use_backend", "value_and_grad",
     "vjp", "zeros", *ops.__all__,
 ]

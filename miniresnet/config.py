@@ -83,6 +83,14 @@ def creation_backend(data) -> Backend:
     return source if source is not None and source.name != "numpy" else current_backend()
 
 
+def to_numpy(x) -> np.ndarray:
+    """A host NumPy copy of a backend array or Tensor, whatever its backend."""
+    from miniresnet.tracing import Tensor
+
+    raw = x.raw if isinstance(x, Tensor) else x
+    return backend_of(raw).to_numpy(raw) if _known_backend(raw) else np.asarray(raw)
+
+
 def to_backend(x, name: str):
     """Transfer an array or Tensor's data to backend ``name`` (returns a backend array)."""
     from miniresnet.tracing import Tensor

@@ -233,3 +233,18 @@ def test_tensor_basics(backend):
     np.testing.assert_array_equal((1.0 - t / 2.0).numpy(), 1.0 - np.array([[1, 2], [3, 4]]) / 2)
     assert isinstance(t.numpy(), np.ndarray)
     assert t[0, 1].item() == 2.0 and t[1:, None].shape == (1, 1, 2)
+
+
+def test_backend_selection(backend):
+    import os
+    import subprocess
+
+    with mr.use_backend("numpy") as be:
+        assert mr.current_backend() is be and type(mr.tensor([1.0]).raw) is be.array_type
+    assert mr.current_backend() is backend  # restored
+    code = "import miniresnet as mr; print(mr.current_backend().name)"
+    env = dict(os.environ, MINIRESNET_BACKEND=backend.name)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == backend.name, out.stderr
+    x = mr.tensor([1.0, 2.0])
+    assert type(mr.to_numpy(x)) is np.ndarray and type(mr.to_numpy(x.raw)) is np.ndarray
