@@ -12,13 +12,11 @@ they match the other backends bit for bit.
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
-from typing import Any
-
-import numpy as np
 
 from . import _numpy
-from ._generic import Backend, BackendUnavailable, im2col, to_host
+from ._generic import Backend, BackendUnavailable
 
 __all__ = ["CupyBackend", "check_available", "make_backend"]
 
@@ -77,40 +75,9 @@ class CupyBackend(Backend):
     """CuPy arrays through ``array_api_compat.cupy``."""
 
     def __init__(self, cupy: ModuleType, xp: ModuleType) -> None:
-        super().__init__("cupy", xp, cupy.ndarray)
+        super().__init__("cupy", xp, cupy.ndarray, col2im_impl=functools.partial(
+            _numpy.col2im, zeros=cupy.zeros))
         self._cupy = cupy
-
-    def asarray(self, obj: Any, dtype: Any = None, *, copy: bool | None = None) -> Any:
-        if dtype is not None:
-            dtype = self.dtype(dtype)
-        if not isinstance(obj, self.array_type):
-            obj = to_host(obj)
-        return self.xp.asarray(obj, dtype=dtype, copy=copy)
-
-    def to_numpy(self, x: Any, *, copy: bool = True) -> np.ndarray:
-        if isinstance(x, self.array_type):
-            return x.get()  # always a fresh host array
-        return super().to_numpy(x, copy=copy)
-
-    def im2col(
-        self,
-        x: Any,
-        kh: int,
-        kw: int,
-        stride: tuple[int, int] = (1, 1),
-        padding: tuple[int, int] = (0, 0),
-    ) -> Any:
-        return im2col(x, kh, kw, stride, padding, xp=self.xp)
-
-    def col2im(
-        self,
-        cols: Any,
-        height: int,
-        width: int,
-        stride: tuple[int, int] = (1, 1),
-        padding: tuple[int, int] = (0, 0),
-    ) -> Any:
-        return _numpy.col2im(cols, height, width, stride, padding, zeros=self._cupy.zeros)
 
     def synchronize(self) -> None:
         """Block until all work queued on the current CUDA device has finished."""

@@ -8,7 +8,8 @@ do faster.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -299,10 +300,14 @@ class Backend:
     xp: ModuleType
     array_type: type
 
-    def __init__(self, name: str, xp: ModuleType, array_type: type) -> None:
+    def __init__(self, name: str, xp: ModuleType, array_type: type, *,
+                 im2col_impl: Callable | None = None, col2im_impl: Callable | None = None) -> None:
         self.name = name
         self.xp = xp
         self.array_type = array_type
+        # the conv kernels: the array-API versions below unless the library has faster ones
+        self._im2col = im2col_impl or functools.partial(im2col, xp=xp)
+        self._col2im = col2im_impl or functools.partial(col2im, xp=xp)
         self._dtypes: dict[str, Any] = dict(xp.__array_namespace_info__().dtypes())
         self._dtype_cache: dict[Any, Any] = {}
 
@@ -405,7 +410,7 @@ class Backend:
         zero-padded by ``padding = (ph, pw)`` on both sides; ``OH = (H + 2 ph - kh) // sh + 1``
         and likewise ``OW``. Raises ``ValueError`` for a bad geometry or an empty output.
         """
-        return im2col(x, kh, kw, stride, padding, xp=self.xp)
+        return self._im2col(x, kh, kw, stride, padding)
 
     def col2im(
         self,
@@ -420,7 +425,7 @@ class Backend:
         ``<col2im(y), x> == <y, im2col(x)>`` up to rounding. Raises ``ValueError`` if the shape of
         ``cols`` does not match the geometry.
         """
-        return col2im(cols, height, width, stride, padding, xp=self.xp)
+        return self._col2im(cols, height, width, stride, padding)
 
     def synchronize(self) -> None:
         """Wait for queued device work (only CuPy has any); use around timings."""

@@ -105,7 +105,8 @@ class NumpyBackend(Backend):
     """
 
     def __init__(self) -> None:
-        super().__init__("numpy", xp_numpy, np.ndarray)
+        super().__init__("numpy", xp_numpy, np.ndarray, im2col_impl=im2col,
+                         col2im_impl=lambda cols, *geometry: col2im(np.asarray(cols), *geometry))
 
     def asarray(self, obj: Any, dtype: Any = None, *, copy: bool | None = None) -> np.ndarray:
         if dtype is not None:
@@ -116,26 +117,6 @@ class NumpyBackend(Backend):
         if isinstance(x, np.ndarray | np.generic):
             return np.array(x, copy=True) if copy else np.asarray(x)
         return super().to_numpy(x, copy=copy)
-
-    def im2col(
-        self,
-        x: Any,
-        kh: int,
-        kw: int,
-        stride: tuple[int, int] = (1, 1),
-        padding: tuple[int, int] = (0, 0),
-    ) -> np.ndarray:
-        return im2col(x, kh, kw, stride, padding)
-
-    def col2im(
-        self,
-        cols: Any,
-        height: int,
-        width: int,
-        stride: tuple[int, int] = (1, 1),
-        padding: tuple[int, int] = (0, 0),
-    ) -> np.ndarray:
-        return col2im(np.asarray(cols), height, width, stride, padding)
 
 
 def check_available() -> tuple[bool, str]:
