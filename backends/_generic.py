@@ -268,6 +268,17 @@ class Rng:
         """A random permutation of ``0 .. n-1`` as an int64 array."""
         return self.backend.asarray(self.generator.permutation(int(n)).astype(np.int64))
 
+    def orthogonal(self, shape: ShapeLike, dtype: Any = "float64", gain: float = 1.0) -> Any:
+        """A random (semi-)orthogonal matrix, flattened over trailing axes (Saxe et al.):
+        rows (``shape[0]``) orthonormal if fewer than columns, else columns orthonormal."""
+        shape = _shape(shape)
+        rows, cols = shape[0], int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+        a = self.generator.normal(size=(max(rows, cols), min(rows, cols)))
+        q, r = np.linalg.qr(a)
+        q = q * np.sign(np.diag(r))  # a uniform (Haar) draw, not QR's sign convention
+        q = q if rows >= cols else q.T
+        return self._float(gain * q.reshape(shape), dtype)
+
     def spawn(self, n: int) -> list[Rng]:
         """``n`` statistically independent child generators (``numpy`` ``Generator.spawn``)."""
         return [Rng(self.backend, None, generator=g) for g in self.generator.spawn(n)]

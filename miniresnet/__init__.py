@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable", "Primitive", "Tensor", "available_backends", "bind", "current_backend",
     "detect_anomaly", "functional", "get_backend", "grad", "hvp", "is_grad_enabled", "jacobian",
-    "jvp", "no_grad", "ones", "ops", "tensor", "to_backend", "to_numpy", "use_backend", "value_and_grad",
-    "vjp", "zeros", *ops.__all__,
+    "jvp", "no_grad", "ones", "ops", "tensor", "to_backend", "to_numpy", "use_backend",
+    "value_and_grad", "vjp", "zeros", *ops.__all__,
 ]

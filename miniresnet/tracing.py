@@ -168,6 +168,27 @@ class Tensor:
     def is_leaf(self) -> bool:
         return self._node is None or self._node.prim is None
 
+    @property
+    def data(self) -> Tensor:
+        """The data as a constant tensor; assigning replaces the data of a leaf in place
+        (same shape and dtype), which is how optimisers update parameters."""
+        return self.detach()
+
+    @data.setter
+    def data(self, value) -> None:
+        if not self.is_leaf:
+            raise RuntimeError("data: only a leaf tensor's data can be replaced")
+        raw = value.raw if isinstance(value, Tensor) else value
+        if tuple(raw.shape) != self.shape or raw.dtype != self.dtype:
+            raise ValueError(
+                f"data: new data {tuple(raw.shape)} {_dtype_name(raw.dtype)} does not match "
+                f"{self.shape} {_dtype_name(self.dtype)}"
+            )
+        if self._level:
+            self._value = make(raw)
+        else:
+            self._value = raw
+
     def detach(self) -> Tensor:
         """A tensor with the same data that no derivative flows through."""
         return make(self.raw)

@@ -1,0 +1,32 @@
+"""Neural-network modules: layers, blocks (residual, plain, highway, dense) and models."""
+
+from miniresnet.nn import init
+from miniresnet.nn.blocks import (
+    ORDERS,
+    BasicBlock,
+    DenseBlock,
+    HighwayBlock,
+    ResidualBlock,
+    ZeroPadShortcut,
+)
+from miniresnet.nn.layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Flatten,
+    GlobalAvgPool2d,
+    Identity,
+    Linear,
+    ReLU,
+    Sigmoid,
+    Tanh,
+)
+from miniresnet.nn.models import Network, build_model, mlp, resnet_cifar
+from miniresnet.nn.module import Module, Sequential, functional_call, parameter
+
+__all__ = [
+    "ORDERS", "BasicBlock", "BatchNorm1d", "BatchNorm2d", "Conv2d", "DenseBlock", "Flatten",
+    "GlobalAvgPool2d", "HighwayBlock", "Identity", "Linear", "Module", "Network", "ReLU",
+    "ResidualBlock", "Sequential", "Sigmoid", "Tanh", "ZeroPadShortcut", "build_model",
+    "functional_call", "init", "mlp", "parameter", "resnet_cifar",
+]

@@ -1,0 +1,63 @@
+"""Weight initialisers. Each returns a backend array drawn from a :class:`~miniresnet.backends.Rng`
+(numbers are drawn on the host, so a seed gives the same network on every backend)."""
+
+from __future__ import annotations
+
+import math
+
+from miniresnet.backends import Rng
+from miniresnet.config import current_backend
+
+_default = {"rng": None}
+
+
+def seed(value: int) -> None:
+    """Seed the generator used by layers created without an explicit ``rng``."""
+    _default["rng"] = current_backend().rng(value)
+
+
+def as_rng(rng: Rng | int | None) -> Rng:
+    """An Rng on the current backend: ``rng`` itself, a new one seeded with an int, or the
+    default generator (see :func:`seed`) when ``None``."""
+    if isinstance(rng, Rng):
+        return rng
+    if rng is not None:
+        return current_backend().rng(rng)
+    if _default["rng"] is None or _default["rng"].backend is not current_backend():
+        seed(0)
+    return _default["rng"]
+
+
+def fans(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(fan_in, fan_out) of a linear (out, in) or conv (out, in, kh, kw) weight."""
+    receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
+    return shape[1] * receptive, shape[0] * receptive
+
+
+def he_normal(rng: Rng, shape, dtype="float64", gain: float = math.sqrt(2.0)):
+    """He et al. 2015: N(0, gain² / fan_in); the default gain √2 suits ReLU."""
+    return rng.normal(shape, dtype, std=gain / math.sqrt(fans(tuple(shape))[0]))
+
+
+def xavier_normal(rng: Rng, shape, dtype="float64", gain: float = 1.0):
+    """Glorot & Bengio 2010: N(0, gain² · 2 / (fan_in + fan_out))."""
+    fan_in, fan_out = fans(tuple(shape))
+    return rng.normal(shape, dtype, std=gain * math.sqrt(2.0 / (fan_in + fan_out)))
+
+
+def orthogonal(rng: Rng, shape, dtype="float64", gain: float = 1.0):
+    """Saxe et al. 2014: a random (semi-)orthogonal matrix over (out, in·kh·kw), times gain."""
+    return rng.orthogonal(shape, dtype, gain)
+
+
+INITIALIZERS = {"he": he_normal, "xavier": xavier_normal, "orthogonal": orthogonal}
+
+
+def initializer(name: str):
+    """The initialiser called ``name`` ("he", "xavier" or "orthogonal")."""
+    try:
+        return INITIALIZERS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown initialiser {name!r}; valid: {', '.join(INITIALIZERS)}"
+        ) from None

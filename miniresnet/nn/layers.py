@@ -1,0 +1,144 @@
+"""Layers: Conv2d, BatchNorm1d/2d, Linear, activations, pooling, Flatten, Identity."""
+
+from __future__ import annotations
+
+from miniresnet import functional as F
+from miniresnet import ops
+from miniresnet.backends import Rng
+from miniresnet.nn.init import as_rng, initializer
+from miniresnet.nn.module import Module, parameter
+from miniresnet.tracing import as_tensor
+
+
+def _zeros(rng: Rng, n: int, dtype: str):
+    return rng.backend.xp.zeros(n, dtype=rng.backend.dtype(dtype))
+
+
+class Linear(Module):
+    """``y = x Wᵀ + b`` with ``W`` of shape (out, in), initialised by ``init``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 init: str = "he", dtype: str = "float64", rng: Rng | int | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        r = as_rng(rng)
+        self.weight = parameter(initializer(init)(r, (out_features, in_features), dtype))
+        self.bias = parameter(_zeros(r, out_features, dtype)) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}"
+
+
+class Conv2d(Module):
+    """2-D convolution with weight (out, in, k, k), initialised by ``init`` (He by default)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 stride: int = 1, padding: int = 0, bias: bool = True, init: str = "he",
+                 dtype: str = "float64", rng: Rng | int | None = None):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        r = as_rng(rng)
+        shape = (out_channels, in_channels, kernel_size, kernel_size)
+        self.weight = parameter(initializer(init)(r, shape, dtype))
+        self.bias = parameter(_zeros(r, out_channels, dtype)) if bias else None
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}")
+
+
+class _BatchNorm(Module):
+    _ndim: int
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+                 affine: bool = True, dtype: str = "float64"):
+        super().__init__()
+        self.num_features, self.eps, self.momentum, self.affine = (num_features, eps, momentum,
+                                                                   affine)
+        be = as_rng(None).backend
+        dt = be.dtype(dtype)
+        if affine:  # the learnable per-channel scale and shift (Caffe's separate "Scale" layer)
+            self.weight = parameter(be.xp.ones(num_features, dtype=dt))
+            self.bias = parameter(be.xp.zeros(num_features, dtype=dt))
+        else:
+            self.weight = self.bias = None
+        self.register_buffer("running_mean", be.xp.zeros(num_features, dtype=dt))
+        self.register_buffer("running_var", be.xp.ones(num_features, dtype=dt))
+
+    def forward(self, x):
+        x = as_tensor(x)
+        if x.ndim != self._ndim:
+            raise ValueError(
+                f"{type(self).__name__}: expected a {self._ndim}-d input, got shape {x.shape}"
+            )
+        return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                            self.training, self.momentum, self.eps)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}")
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm over (N, C) input."""
+
+    _ndim = 2
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm over (N, C, H, W) input, per channel."""
+
+    _ndim = 4
+
+
+class ReLU(Module):
+    def forward(self, x):
+        return ops.relu(x)
+
+
+class Tanh(Module):
+    def forward(self, x):
+        return ops.tanh(x)
+
+
+class Sigmoid(Module):
+    def forward(self, x):
+        return ops.sigmoid(x)
+
+
+class Identity(Module):
+    def forward(self, x):
+        return x
+
+
+class GlobalAvgPool2d(Module):
+    """(N, C, H, W) -> (N, C): the mean over each feature map."""
+
+    def forward(self, x):
+        return ops.mean(x, axis=(2, 3))
+
+
+class Flatten(Module):
+    """(N, ...) -> (N, prod(...))."""
+
+    def forward(self, x):
+        return ops.reshape(x, (x.shape[0], -1))
+
+
+ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
+
+
+def activation(name: str) -> Module:
+    """A new activation module: "relu", "tanh" or "sigmoid"."""
+    try:
+        return ACTIVATIONS[name]()
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}") from None
+

@@ -1,0 +1,266 @@
+"""``Module``: parameters, buffers, submodules, train/eval, state dicts; ``Sequential``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+
+from miniresnet.config import as_backend_array
+from miniresnet.tracing import Tensor, as_tensor
+
+
+def parameter(data, dtype=None) -> Tensor:
+    """A trainable tensor: a leaf with ``requires_grad=True`` on the eager tape."""
+    return Tensor(data, requires_grad=True, dtype=dtype)
+
+
+class Module:
+    """Base class of layers, blocks and networks.
+
+    Assigning a Tensor with ``requires_grad=True`` to an attribute registers a parameter,
+    assigning a Module registers a submodule, and :meth:`register_buffer` registers state that
+    is saved but not trained (batch-norm running statistics). Subclasses implement ``forward``.
+    """
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_parameters", {})
+        object.__setattr__(self, "_buffers", {})
+        object.__setattr__(self, "_modules", {})
+        object.__setattr__(self, "training", True)
+
+    # -- registration -----------------------------------------------------------------------
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, Module):
+            self._discard(name)
+            self._modules[name] = value
+        elif name in self._buffers:
+            self._buffers[name] = None if value is None else as_tensor(value)
+        elif isinstance(value, Tensor) and value.requires_grad and value.is_leaf:
+            self._discard(name)
+            self._parameters[name] = value
+        elif value is None and name in self._parameters:
+            self._parameters[name] = None
+        else:
+            self._discard(name)
+            object.__setattr__(self, name, value)
+
+    def _discard(self, name: str) -> None:
+        for table in (self._parameters, self._buffers, self._modules):
+            table.pop(name, None)
+
+    def __getattr__(self, name: str):
+        for table in ("_parameters", "_buffers", "_modules"):
+            entries = self.__dict__.get(table)
+            if entries is not None and name in entries:
+                return entries[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        for table in (self._parameters, self._buffers, self._modules):
+            if name in table:
+                del table[name]
+                return
+        object.__delattr__(self, name)
+
+    def register_buffer(self, name: str, value) -> None:
+        """Register non-trainable state (saved in the state dict), e.g. running statistics."""
+        self._buffers[name] = None if value is None else as_tensor(value).detach()
+
+    # -- traversal (iterative: deep networks have long module lists, not deep nesting) -------
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, Module]]:
+        """This module and all submodules, depth first, with dotted names."""
+        stack = [(prefix, self)]
+        while stack:
+            name, module = stack.pop()
+            yield name, module
+            children = list(module._modules.items())
+            for child_name, child in reversed(children):
+                stack.append((f"{name}.{child_name}" if name else child_name, child))
+
+    def modules(self) -> Iterator[Module]:
+        return (m for _, m in self.named_modules())
+
+    def children(self) -> Iterator[Module]:
+        return iter(self._modules.values())
+
+    def named_parameters(self) -> Iterator[tuple[str, Tensor]]:
+        """All parameters with dotted names, in registration order."""
+        for prefix, module in self.named_modules():
+            for name, p in module._parameters.items():
+                if p is not None:
+                    yield (f"{prefix}.{name}" if prefix else name), p
+
+    def parameters(self) -> Iterator[Tensor]:
+        return (p for _, p in self.named_parameters())
+
+    def named_buffers(self) -> Iterator[tuple[str, Tensor]]:
+        for prefix, module in self.named_modules():
+            for name, b in module._buffers.items():
+                if b is not None:
+                    yield (f"{prefix}.{name}" if prefix else name), b
+
+    def buffers(self) -> Iterator[Tensor]:
+        return (b for _, b in self.named_buffers())
+
+    def num_parameters(self) -> int:
+        return sum(p.size for p in self.parameters())
+
+    # -- modes ----------------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> Module:
+        """Training mode (batch norm uses batch statistics); returns self."""
+        for m in self.modules():
+            object.__setattr__(m, "training", mode)
+        return self
+
+    def eval(self) -> Module:
+        """Evaluation mode (batch norm uses running statistics); returns self."""
+        return self.train(False)
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Parameters and buffers by dotted name, as backend arrays (no copies)."""
+        state = {name: p.raw for name, p in self.named_parameters()}
+        state.update({name: b.raw for name, b in self.named_buffers()})
+        return state
+
+    def load_state_dict(self, state: Mapping, strict: bool = True) -> None:
+        """Copy arrays (any backend, or NumPy) into the parameters and buffers.
+
+        With ``strict`` (default) the keys must match exactly; every missing, unexpected or
+        mis-shaped key is named in one ``KeyError``/``ValueError``. Values are moved to each
+        tensor's backend; their dtype must match.
+        """
+        own = dict(self.named_parameters())
+        own.update(self.named_buffers())
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shaped = [f"{k}: expected {own[k].shape}, got {tuple(np.shape(v))}"
+                  for k, v in state.items() if k in own and tuple(v.shape) != own[k].shape]
+        problems = []
+        if strict and missing:
+            problems.append(f"missing keys {missing}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys {unexpected}")
+        if shaped:
+            problems.append("mis-shaped keys [" + "; ".join(shaped) + "]")
+        if problems:
+            raise KeyError(f"load_state_dict ({type(self).__name__}): " + ", ".join(problems))
+        for key, value in state.items():
+            if key not in own:
+                continue
+            target = own[key]
+            raw = as_backend_array(value.raw if isinstance(value, Tensor) else value,
+                                   backend=target.backend)
+            if raw.dtype != target.dtype:
+                raise ValueError(
+                    f"load_state_dict: {key} has dtype {raw.dtype}, the model has {target.dtype}"
+                )
+            target.data = raw
+
+    def to(self, dtype=None, backend: str | None = None) -> Module:
+        """Move every parameter and buffer to ``backend`` and/or convert floats to ``dtype``."""
+        from miniresnet.backends import get_backend
+
+        be = None if backend is None else get_backend(backend)
+        for m in self.modules():
+            for table in (m._parameters, m._buffers):
+                for name, t in table.items():
+                    if t is None:
+                        continue
+                    raw = t.raw if be is None else as_backend_array(t.raw, backend=be)
+                    xp = (be or t.backend).xp
+                    if dtype is not None and xp.isdtype(raw.dtype, "real floating"):
+                        raw = as_backend_array(raw, dtype)
+                    table[name] = Tensor(raw, requires_grad=table is m._parameters)
+        return self
+
+    # -- calling --------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} must implement forward()")
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        if self._modules:
+            for name, child in self._modules.items():
+                body = repr(child).replace("\n", "\n  ")
+                lines.append(f"  ({name}): {body}")
+            lines.append(")")
+            return "\n".join(lines)
+        return lines[0] + ")"
+
+
+class Sequential(Module):
+    """Modules applied in order; indexable and iterable."""
+
+    def __init__(self, *modules: Module) -> None:
+        super().__init__()
+        for i, m in enumerate(modules):
+            setattr(self, str(i), m)
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self) -> Iterator[Module]:
+        return iter(self._modules.values())
+
+    def __getitem__(self, index: int) -> Module:
+        return list(self._modules.values())[index]
+
+    def append(self, module: Module) -> Sequential:
+        setattr(self, str(len(self)), module)
+        return self
+
+    def forward(self, x):
+        for m in self._modules.values():
+            x = m(x)
+        return x
+
+
+@contextlib.contextmanager
+def substituted(module: Module, values: Mapping) -> Iterator[None]:
+    """Temporarily use ``values`` (name -> array or Tensor) for parameters/buffers."""
+    owners = {}
+    for prefix, m in module.named_modules():
+        for table in (m._parameters, m._buffers):
+            for name in table:
+                owners[f"{prefix}.{name}" if prefix else name] = (table, name)
+    unknown = [k for k in values if k not in owners]
+    if unknown:
+        raise KeyError(f"functional_call: unknown parameter or buffer names {unknown}")
+    saved = {k: owners[k][0][owners[k][1]] for k in values}
+    try:
+        for k, v in values.items():
+            table, name = owners[k]
+            table[name] = as_tensor(v)
+        yield
+    finally:
+        for k, v in saved.items():
+            table, name = owners[k]
+            table[name] = v
+
+
+def functional_call(module: Module, values: Mapping, *args: object, **kwargs: object):
+    """Call ``module`` with some parameters or buffers replaced by ``values`` (name -> array).
+
+    This is how transforms differentiate with respect to parameters::
+
+        names = [n for n, _ in model.named_parameters()]
+        def loss(*arrays):
+            return F.cross_entropy(functional_call(model, dict(zip(names, arrays)), x), y)
+        grads = mr.grad(loss, argnums=tuple(range(len(names))))(*model.state_dict().values())
+    """
+    with substituted(module, values):
+        return module(*args, **kwargs)
+
