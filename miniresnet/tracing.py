@@ -162,7 +162,12 @@ class Tensor:
     def grad(self, value) -> None:
         if self._node is None or self._node.prim is not None:
             raise AttributeError("only leaf tensors created with requires_grad=True hold .grad")
-        self._node.grad = None if value is None else Tensor(value)
+        if value is not None:
+            value = value.detach() if isinstance(value, Tensor) else make(value)
+            if value.shape != self.shape or value.dtype != self.dtype:
+                raise ValueError(f"grad: shape {value.shape} and dtype {value.dtype} do not "
+                                 f"match the tensor's {self.shape} and {self.dtype}")
+        self._node.grad = value
 
     @property
     def is_leaf(self) -> bool:
