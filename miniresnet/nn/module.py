@@ -151,17 +151,18 @@ class Module:
             problems.append("mis-shaped keys [" + "; ".join(shaped) + "]")
         if problems:
             raise KeyError(f"load_state_dict ({type(self).__name__}): " + ", ".join(problems))
+        converted = {}
         for key, value in state.items():
-            if key not in own:
-                continue
-            target = own[key]
-            raw = as_backend_array(value.raw if isinstance(value, Tensor) else value,
-                                   backend=target.backend)
-            if raw.dtype != target.dtype:
-                raise ValueError(
-                    f"load_state_dict: {key} has dtype {raw.dtype}, the model has {target.dtype}"
-                )
-            target.data = raw
+            if key in own:
+                target = own[key]
+                raw = as_backend_array(value.raw if isinstance(value, Tensor) else value,
+                                       backend=target.backend)
+                if raw.dtype != target.dtype:
+                    raise ValueError(f"load_state_dict: {key} has dtype {raw.dtype}, the model "
+                                     f"has {target.dtype}")
+                converted[key] = raw
+        for key, raw in converted.items():  # all checked first: a failed load changes nothing
+            own[key].data = raw
 
     def to(self, dtype=None, backend: str | None = None) -> Module:
         """Move every parameter and buffer to ``backend`` and/or convert floats to ``dtype``."""
