@@ -131,7 +131,7 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
             order = be.rng(seed * 1_000_003 + epoch).permutation(n)
             loss_sum, correct = 0.0, 0
             for s in range(steps):
-                idx = order[s * batch_size: (s + 1) * batch_size]
+                idx = order[s * batch_size: min(n, (s + 1) * batch_size)]
                 xb, yb = _take(xp, x, idx), _take(xp, y, idx)
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb)
@@ -162,3 +162,54 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
     finally:
         bar.close()
     return history
+
+
+def main(argv: list[str] | None = None) -> History:
+    """``python -m miniresnet.train``: train a CIFAR-style ResNet (or its plain twin) on digits."""
+    import argparse
+
+    from miniresnet import data as datasets
+    from miniresnet import nn
+    from miniresnet.checkpoint import save_checkpoint
+    from miniresnet.config import use_backend
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--n", type=int, default=3, help="blocks per stage (6n+2 layers)")
+    parser.add_argument("--plain", action="store_true", help="the plain counterpart")
+    parser.add_argument("--order", default="post", choices=nn.ORDERS)
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--backend", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save", default=None, help="write a checkpoint here after each epoch")
+    args = parser.parse_args(argv)
+    if args.backend:
+        use_backend(args.backend)
+    data = datasets.load_digits(dtype=args.dtype, seed=args.seed)
+    model = nn.resnet_cifar(args.n, in_channels=1, num_classes=data.num_classes,
+                            residual=not args.plain, order=args.order, width=args.width,
+                            dtype=args.dtype, seed=args.seed)
+    kind = "plain" if args.plain else "ResNet"
+    print(f"{kind}-{6 * args.n + 2} ({model.num_parameters():,} parameters) on {data!r}")
+
+    def report(epoch, model, optimizer, history):
+        r = history.records[-1]
+        print(f"epoch {epoch:3d}  lr {r['lr']:.4f}  train loss {r['train_loss']:.4f}  "
+              f"train acc {r['train_acc']:.4f}  test acc {r['test_acc']:.4f}  "
+              f"({history.seconds[-1]:.1f} s)")
+        if args.save:
+            save_checkpoint(args.save, model, optimizer, epoch=epoch + 1)
+
+    history = fit(model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                  weight_decay=args.weight_decay, seed=args.seed, on_epoch_end=report)
+    print(f"final test accuracy {history.records[-1]['test_acc']:.4f} in "
+          f"{sum(history.seconds):.1f} s")
+    return history
+
+
+if __name__ == "__main__":
+    main()

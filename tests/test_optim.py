@@ -26,7 +26,7 @@ def test_sgd_matches_reference(backend, momentum, nesterov, wd):
     p = _param(backend, [1.0, -2.0, 0.5])
     opt = SGD([p], lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=wd)
     w, v = np.array([1.0, -2.0, 0.5]), None
-    for step in range(4):
+    for _ in range(4):
         loss = mr.sum(p * p * p)  # gradient 3 w^2
         loss.backward()
         opt.step()
