@@ -8,9 +8,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from miniresnet import functional as F
+from miniresnet.data import batches
 from miniresnet.nn.module import Module
 from miniresnet.optim import (
     SGD,
@@ -115,8 +117,8 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
                         weight_decay=weight_decay)
     lr_at = make_schedule(schedule, lr, epochs, milestones)
     x, y = data.x_train, data.y_train
-    xp = make(x).backend.xp
     be = make(x).backend
+    xp = be.xp
     n = x.shape[0]
     steps = math.ceil(n / batch_size)
     history = History()
@@ -128,10 +130,9 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
         for epoch in range(start_epoch, epochs):
             start = time.perf_counter()
             optimizer.lr = lr_at(epoch)
-            order = be.rng(seed * 1_000_003 + epoch).permutation(n)
+            epoch_rng = np.random.default_rng([seed, epoch])  # depends on (seed, epoch) only
             loss_sum, correct = 0.0, 0
-            for s in range(steps):
-                idx = order[s * batch_size: min(n, (s + 1) * batch_size)]
+            for s, idx in enumerate(batches(n, batch_size, epoch_rng, backend=be)):
                 xb, yb = _take(xp, x, idx), _take(xp, y, idx)
                 logits = model(xb)
                 loss = F.cross_entropy(logits, yb)
