@@ -193,3 +193,19 @@ def test_construction_errors(backend):
         nn.Linear(2, 2, init="kaiming")
     with pytest.raises(ValueError, match="unknown block 'bottleneck'"):
         nn.resnet_cifar(1, block="bottleneck")
+
+
+def test_initialiser_statistics(backend):
+    from miniresnet.nn import init
+
+    rng = backend.rng(0)
+    w = mr.to_numpy(init.he_normal(rng, (400, 100, 3, 3)))
+    assert w.std() == pytest.approx((2 / 900) ** 0.5, rel=0.01)
+    w = mr.to_numpy(init.xavier_normal(rng, (300, 500)))
+    assert w.std() == pytest.approx((2 / 800) ** 0.5, rel=0.01)
+    q = mr.to_numpy(init.orthogonal(rng, (8, 2, 3, 3))).reshape(8, 18)
+    np.testing.assert_allclose(q @ q.T, np.eye(8), atol=1e-12)
+    q = mr.to_numpy(init.orthogonal(rng, (20, 5), gain=2.0))
+    np.testing.assert_allclose(q.T @ q, 4 * np.eye(5), atol=1e-12)
+    same = [mr.to_numpy(nn.Linear(3, 3, rng=7).weight) for _ in range(2)]
+    np.testing.assert_array_equal(*same)
