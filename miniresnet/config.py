@@ -49,7 +49,7 @@ class use_backend:
         _current[0] = self._previous
 
 
-def _known_backend(x) -> Backend | None:
+def known_backend(x) -> Backend | None:
     try:
         return backend_of(x)
     except TypeError:
@@ -60,7 +60,7 @@ def as_backend_array(data, dtype=None, backend: Backend | None = None):
     """Convert host data (scalars, lists, NumPy arrays) to an array of ``backend`` (default: the
     current one). An array that already belongs to a backend is kept where it is, unless
     ``backend`` is given, in which case it is transferred."""
-    source = _known_backend(data)
+    source = known_backend(data)
     if source is not None and (backend is None or source is backend):
         if dtype is not None:
             xp_dtype = source.dtype(dtype) if isinstance(dtype, str) else dtype
@@ -79,7 +79,7 @@ def as_backend_array(data, dtype=None, backend: Backend | None = None):
 def creation_backend(data) -> Backend:
     """Where a new tensor made from ``data`` lives: an array of a non-NumPy backend stays on its
     backend; host data (Python objects and NumPy arrays) goes to the current backend."""
-    source = _known_backend(data)
+    source = known_backend(data)
     return source if source is not None and source.name != "numpy" else current_backend()
 
 
@@ -88,7 +88,7 @@ def to_numpy(x) -> np.ndarray:
     from miniresnet.tracing import Tensor
 
     raw = x.raw if isinstance(x, Tensor) else x
-    return backend_of(raw).to_numpy(raw) if _known_backend(raw) else np.asarray(raw)
+    return backend_of(raw).to_numpy(raw) if known_backend(raw) else np.asarray(raw)
 
 
 def to_backend(x, name: str):

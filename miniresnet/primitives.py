@@ -118,6 +118,16 @@ def _max_weights(ans, x, axis, keepdims):
 
 def _untake_impl(xp, g, index, shape):
     out = xp.zeros(shape, dtype=g.dtype)
+    if any(i is None for i in index):  # the array API assigns through no None: drop those axes
+        ellipsis = len(shape) - sum(1 for i in index if i is not None and i is not Ellipsis)
+        keep, axis = [], 0
+        for i in index:
+            width = ellipsis if i is Ellipsis else 0 if isinstance(i, int) else 1
+            if i is not None:
+                keep.extend(range(axis, axis + width))
+            axis += width
+        g = xp.reshape(g, tuple(g.shape[k] for k in keep))
+        index = tuple(i for i in index if i is not None)
     out[index] = g
     return out
 

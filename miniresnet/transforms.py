@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from miniresnet import ops
+from miniresnet.config import known_backend
 from miniresnet.tracing import (
     Tensor,
     as_tensor,
@@ -31,6 +32,11 @@ def _argnums(argnums, nargs: int, name: str) -> tuple[int, ...]:
 
 
 def _partial(f: Callable, args: tuple, nums: tuple[int, ...]) -> Callable:
+    """``f`` as a function of the arguments ``nums``; the others (arrays become Tensors, so
+    that ``f`` sees Tensors everywhere) are held fixed."""
+    args = tuple(a if isinstance(a, Tensor) or known_backend(a) is None else as_tensor(a)
+                 for a in args)
+
     def g(*diff):
         full = list(args)
         for i, d in zip(nums, diff):
