@@ -61,6 +61,8 @@ def as_backend_array(data, dtype=None, backend: Backend | None = None):
     current one). An array that already belongs to a backend is kept where it is, unless
     ``backend`` is given, in which case it is transferred."""
     source = known_backend(data)
+    if isinstance(data, np.generic):
+        data = np.asarray(data)  # a NumPy scalar becomes a 0-d array
     if source is not None and (backend is None or source is backend):
         if dtype is not None:
             xp_dtype = source.dtype(dtype) if isinstance(dtype, str) else dtype

@@ -10,6 +10,8 @@ from __future__ import annotations
 import builtins
 from collections.abc import Sequence
 
+import numpy as np
+
 from miniresnet import primitives as P
 from miniresnet.tracing import Tensor, _mixed_backends, as_tensor, bind, make
 
@@ -18,11 +20,12 @@ _SCALARS = (bool, int, float)
 
 # -- helpers ----------------------------------------------------------------------------------
 def _operand(x):
-    """A Tensor, or a Python scalar kept as is (it adopts the other operand's dtype)."""
-    if isinstance(x, Tensor) or isinstance(x, _SCALARS):
+    """A Tensor, or a Python (or NumPy) scalar as a Python scalar: it adopts the other
+    operand's dtype, as in the array API."""
+    if isinstance(x, Tensor) or type(x) in _SCALARS:
         return x
-    if hasattr(x, "shape") and x.shape == () and type(x).__module__ == "numpy":
-        return x.item()  # NumPy scalar
+    if isinstance(x, np.generic):
+        return x.item()
     return as_tensor(x)
 
 
@@ -58,6 +61,8 @@ def broadcast_shapes(name: str, *shapes) -> tuple[int, ...]:
 
 def _elementwise(prim, *args):
     args = [_operand(a) for a in args]
+    if not any(isinstance(a, Tensor) for a in args):  # scalars only: make the first an array
+        args[0] = as_tensor(args[0])
     tensors = [a for a in args if isinstance(a, Tensor)]
     _check_dtypes(prim.name, [t for t in tensors if t.dtype != _BOOL(t)])
     shapes = {t.shape for t in tensors}
@@ -96,7 +101,7 @@ def _pair(name: str, v, what: str) -> tuple[int, int]:
 def _constant(fn, *args):
     """Evaluate a non-differentiable function on the raw data (the result is a constant)."""
     raws = [a.raw if isinstance(a, Tensor) else a for a in args]
-    arrays = [r for r in raws if not isinstance(r, _SCALARS)]
+    arrays = [r for r in raws if type(r) not in _SCALARS]
     xp = as_tensor(arrays[0]).backend.xp
     out = fn(xp, *raws)
     return make(out if type(out) is type(arrays[0]) else xp.asarray(out))

@@ -27,7 +27,7 @@ from miniresnet.backends import backend_of
 EAGER_LEVEL = 1
 _level_counter = itertools.count(EAGER_LEVEL + 1)
 _state = {"grad_enabled": True, "anomaly": False, "backward_op": None}
-_SCALARS = (bool, int, float)
+_SCALARS = (bool, int, float)  # exact types: NumPy scalars are arrays here
 
 
 def new_level() -> int:
@@ -327,7 +327,7 @@ def _evaluate(prim: Primitive, args, params) -> Tensor:
     raws, array_type = [], None
     for a in args:
         r = a.raw if type(a) is Tensor else a
-        if not isinstance(r, _SCALARS):
+        if type(r) not in _SCALARS:
             if array_type is None:
                 array_type = type(r)
             elif type(r) is not array_type:
@@ -348,7 +348,7 @@ def _mixed_backends(prim: Primitive, args) -> None:
     seen = []
     for a in args:
         r = a.raw if type(a) is Tensor else a
-        if not isinstance(r, _SCALARS):
+        if type(r) not in _SCALARS:
             try:
                 name = backend_of(r).name
             except TypeError:

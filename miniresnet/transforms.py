@@ -106,6 +106,8 @@ def vjp(f: Callable, *primals):
             g = leaves.get(node)
             if g is None:
                 g = ops.zeros_like(x, shape=batch + x.shape)
+            elif g.raw is ct.raw:  # never hand the caller's own array back (aliasing)
+                g = make(g.backend.xp.asarray(g.raw, copy=True))
             results.append(finalize(g))
         return tuple(results)
 

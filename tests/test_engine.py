@@ -248,3 +248,20 @@ def test_backend_selection(backend):
     assert out.stdout.strip() == backend.name, out.stderr
     x = mr.tensor([1.0, 2.0])
     assert type(mr.to_numpy(x)) is np.ndarray and type(mr.to_numpy(x.raw)) is np.ndarray
+
+
+def test_numpy_scalars_and_zero_d_arrays(backend):
+    if backend.name != "numpy":
+        pytest.skip("NumPy scalars are NumPy data")
+    assert mr.sum(np.float64(1.0)).item() == 1.0
+    assert mr.exp(np.float64(0.0)).item() == 1.0
+    assert mr.mul(np.asarray(2.0), np.asarray(3.0)).item() == 6.0
+    assert mr.vjp(lambda x: -x, np.asarray(0.5))[1](np.float64(1.0))[0] == -1.0
+    x = mr.tensor(np.ones(2, dtype=np.float32))
+    assert (x * np.float64(2.0)).dtype == np.float32  # a scalar adopts the array's dtype
+
+
+def test_vjp_never_returns_the_callers_array(backend):
+    u = backend.asarray(np.ones(3), "float64")
+    out = mr.vjp(lambda x: x, backend.asarray(np.zeros(3), "float64"))[1](u)[0]
+    assert out is not u
