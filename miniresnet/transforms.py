@@ -106,7 +106,7 @@ def vjp(f: Callable, *primals):
             g = leaves.get(node)
             if g is None:
                 g = ops.zeros_like(x, shape=batch + x.shape)
-            elif g.raw is ct.raw:  # never hand the caller's own array back (aliasing)
+            elif g._level == 0 and g.raw is ct.raw:  # never hand back the caller's own array
                 g = make(g.backend.xp.asarray(g.raw, copy=True))
             results.append(finalize(g))
         return tuple(results)

@@ -1,6 +1,7 @@
 """Shared test set-up: hypothesis profiles and the backend every test runs under."""
 
 import os
+import sys
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -24,3 +25,14 @@ def backend(request):
         pytest.skip(f"backend {request.param!r} unavailable: {reason}")
     with mr.use_backend(request.param) as be:
         yield be
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the largest relative error seen against HIPS autograd, per kind of comparison."""
+    oracle = sys.modules.get("oracle")
+    if oracle is None or not oracle.MAX_ERRORS_BY_KIND:
+        return
+    terminalreporter.section("largest relative error against HIPS autograd")
+    for kind, errors in sorted(oracle.MAX_ERRORS_BY_KIND.items()):
+        case, err = max(errors.items(), key=lambda item: item[1])
+        terminalreporter.write_line(f"{kind:>14}: {err:.1e} ({case}; {len(errors)} cases)")
