@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from miniresnet import ops
 from miniresnet.ops import relu, sigmoid, tanh
-from miniresnet.tracing import Tensor, as_tensor, no_grad
+from miniresnet.tracing import Tensor, as_tensor, dtype_name, no_grad
 
 __all__ = [
     "conv2d", "batch_norm", "linear", "relu", "tanh", "sigmoid", "avg_pool2d",
@@ -20,7 +20,7 @@ def _require_float(name: str, **tensors: Tensor) -> None:
         if t is not None and not t.backend.xp.isdtype(t.dtype, "real floating"):
             raise TypeError(
                 f"{name}: {what} must be floating point (float32 or float64), got "
-                f"{ops._dname(t.dtype)} with shape {t.shape}; convert with .astype('float64')"
+                f"{dtype_name(t.dtype)} with shape {t.shape}; convert with .astype('float64')"
             )
 
 

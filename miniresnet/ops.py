@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from miniresnet import primitives as P
-from miniresnet.tracing import Tensor, _mixed_backends, as_tensor, bind, make
+from miniresnet.tracing import Tensor, as_tensor, bind, dtype_name, make, raise_mixed_backends
 
 _SCALARS = (bool, int, float)
 
@@ -29,16 +29,12 @@ def _operand(x):
     return as_tensor(x)
 
 
-def _dname(dtype) -> str:
-    return str(dtype).rsplit(".", 1)[-1].replace("dtype(", "").strip("')")
-
-
 def _check_dtypes(name: str, tensors) -> None:
     if len({type(t.raw) for t in tensors}) > 1:
-        _mixed_backends(P.PRIMITIVES.get(name) or name, tensors)
+        raise_mixed_backends(P.PRIMITIVES.get(name) or name, tensors)
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) > 1:
-        listed = " and ".join(sorted(_dname(d) for d in dtypes))
+        listed = " and ".join(sorted(dtype_name(d) for d in dtypes))
         raise TypeError(
             f"{name}: operands have different dtypes ({listed}); miniresnet never up- or "
             "down-casts silently: convert one explicitly with .astype(...)"
@@ -64,7 +60,7 @@ def _elementwise(prim, *args):
     if not any(isinstance(a, Tensor) for a in args):  # scalars only: make the first an array
         args[0] = as_tensor(args[0])
     tensors = [a for a in args if isinstance(a, Tensor)]
-    _check_dtypes(prim.name, [t for t in tensors if t.dtype != _BOOL(t)])
+    _check_dtypes(prim.name, [t for t in tensors if not _is_bool(t)])
     shapes = {t.shape for t in tensors}
     if len(shapes) > 1:
         shape = broadcast_shapes(prim.name, *(t.shape for t in tensors))
@@ -73,8 +69,8 @@ def _elementwise(prim, *args):
     return bind(prim, *args)
 
 
-def _BOOL(t):
-    return t.backend.xp.bool
+def _is_bool(t: Tensor) -> bool:
+    return t.dtype == t.backend.xp.bool
 
 
 def _axes(name: str, axis, ndim: int) -> tuple[int, ...]:
@@ -167,8 +163,8 @@ def relu(x) -> Tensor:
 def where(condition, x, y) -> Tensor:
     """``x`` where ``condition`` holds, else ``y`` (no derivative flows into ``condition``)."""
     c = as_tensor(condition).detach()
-    if c.dtype != _BOOL(c):
-        raise TypeError(f"where: condition must be boolean, got {_dname(c.dtype)}")
+    if not _is_bool(c):
+        raise TypeError(f"where: condition must be boolean, got {dtype_name(c.dtype)}")
     x, y = _operand(x), _operand(y)
     like = x if isinstance(x, Tensor) else y
     if not isinstance(like, Tensor):

@@ -186,8 +186,8 @@ class Tensor:
         raw = value.raw if isinstance(value, Tensor) else value
         if tuple(raw.shape) != self.shape or raw.dtype != self.dtype:
             raise ValueError(
-                f"data: new data {tuple(raw.shape)} {_dtype_name(raw.dtype)} does not match "
-                f"{self.shape} {_dtype_name(self.dtype)}"
+                f"data: new data {tuple(raw.shape)} {dtype_name(raw.dtype)} does not match "
+                f"{self.shape} {dtype_name(self.dtype)}"
             )
         if self._level:
             self._value = make(raw)
@@ -236,7 +236,7 @@ class Tensor:
             eager = self._level == EAGER_LEVEL
             mode = ", requires_grad=True" if eager else f", level={self._level}"
         name = backend_of(self.raw).name
-        return f"Tensor(shape={self.shape}, dtype={_dtype_name(self.dtype)}, backend={name}{mode})"
+        return f"Tensor(shape={self.shape}, dtype={dtype_name(self.dtype)}, backend={name}{mode})"
 
     # -- eager reverse mode -----------------------------------------------------------------
     def backward(self, gradient=None, retain_graph: bool = False) -> None:
@@ -270,7 +270,7 @@ class Tensor:
             leaf.grad = ct if leaf.grad is None else leaf.grad + ct
 
 
-def _dtype_name(dtype) -> str:
+def dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1].replace("dtype(", "").strip("')")
 
 
@@ -331,7 +331,7 @@ def _evaluate(prim: Primitive, args, params) -> Tensor:
             if array_type is None:
                 array_type = type(r)
             elif type(r) is not array_type:
-                _mixed_backends(prim, args)
+                raise_mixed_backends(prim, args)
         raws.append(r)
     if array_type is None:
         raise TypeError(f"{prim.name}: needs at least one array argument, got {args!r}")
@@ -344,7 +344,7 @@ def _evaluate(prim: Primitive, args, params) -> Tensor:
     return make(out)
 
 
-def _mixed_backends(prim: Primitive, args) -> None:
+def raise_mixed_backends(prim: Primitive, args) -> None:
     seen = []
     for a in args:
         r = a.raw if type(a) is Tensor else a
