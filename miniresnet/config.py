@@ -64,18 +64,11 @@ def as_backend_array(data, dtype=None, backend: Backend | None = None):
     if isinstance(data, np.generic):
         data = np.asarray(data)  # a NumPy scalar becomes a 0-d array
     if source is not None and (backend is None or source is backend):
-        if dtype is not None:
-            xp_dtype = source.dtype(dtype) if isinstance(dtype, str) else dtype
-            if data.dtype != xp_dtype:
-                data = source.xp.astype(data, xp_dtype)
+        if dtype is not None and data.dtype != source.dtype(dtype):
+            data = source.xp.astype(data, source.dtype(dtype))
         return data
-    target = backend or current_backend()
-    if source is not None:
-        data = source.to_numpy(data)
-    if dtype is None:
-        data = np.asarray(data)  # Python floats become float64, NumPy arrays keep their dtype
-        dtype = str(data.dtype)
-    return target.asarray(data, dtype)
+    host = source.to_numpy(data) if source is not None else np.asarray(data)
+    return (backend or current_backend()).asarray(host, dtype)  # Python floats: float64
 
 
 def creation_backend(data) -> Backend:
