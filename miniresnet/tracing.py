@@ -18,21 +18,22 @@ Nothing here recurses over the graph: the reverse pass uses an iterative topolog
 from __future__ import annotations
 
 import contextlib
-import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from miniresnet.backends import backend_of
 
 EAGER_LEVEL = 1
-_level_counter = itertools.count(EAGER_LEVEL + 1)
-_state = {"grad_enabled": True, "anomaly": False, "backward_op": None}
+# next_level: the level the next transform gets; floor: levels below it record nothing (no_grad)
+_state = {"next_level": EAGER_LEVEL + 1, "floor": 0, "anomaly": False, "backward_op": None}
 _SCALARS = (bool, int, float)  # exact types: NumPy scalars are arrays here
 
 
 def new_level() -> int:
     """Return a fresh trace level, higher than every level handed out before."""
-    return next(_level_counter)
+    level = _state["next_level"]
+    _state["next_level"] = level + 1
+    return level
 
 
 class Primitive:
@@ -307,7 +308,7 @@ def bind(prim: Primitive, *args, **params) -> Tensor:
     for a in args:
         if type(a) is Tensor and a._level > level:
             level = a._level
-    if level == 0 or not _state["grad_enabled"]:
+    if level < _state["floor"] or level == 0:
         return _evaluate(prim, args, params)
     inner = [a._value if type(a) is Tensor and a._level == level else a for a in args]
     out = bind(prim, *inner, **params)
@@ -441,17 +442,20 @@ _ADD: Primitive | None = None  # the add primitive (set by miniresnet.primitives
 # -- global switches --------------------------------------------------------------------------
 @contextlib.contextmanager
 def no_grad() -> Iterator[None]:
-    """Inside this context nothing is recorded: results are constants for every derivative."""
-    old = _state["grad_enabled"]
-    _state["grad_enabled"] = False
+    """Inside this context nothing is recorded for the eager tape or for any transform already
+    running: results are constants for those derivatives. Transforms started inside the
+    context still work (as in torch.func)."""
+    old = _state["floor"]
+    _state["floor"] = _state["next_level"]
     try:
         yield
     finally:
-        _state["grad_enabled"] = old
+        _state["floor"] = old
 
 
 def is_grad_enabled() -> bool:
-    return _state["grad_enabled"]
+    """Whether the eager tape records (False inside :func:`no_grad`)."""
+    return _state["floor"] <= EAGER_LEVEL
 
 
 @contextlib.contextmanager

@@ -265,3 +265,13 @@ def test_vjp_never_returns_the_callers_array(backend):
     u = backend.asarray(np.ones(3), "float64")
     out = mr.vjp(lambda x: x, backend.asarray(np.zeros(3), "float64"))[1](u)[0]
     assert out is not u
+
+
+def test_transforms_started_inside_no_grad_still_work(backend):
+    x = arr(backend, [0.3, -0.2])
+    with mr.no_grad():
+        j = mr.jacobian(mr.tanh)(x)
+        g = mr.grad(lambda x: mr.sum(x * x))(x)
+    np.testing.assert_allclose(np.diag(host(j)), 1 - np.tanh(host(x)) ** 2, rtol=1e-14)
+    np.testing.assert_allclose(host(g), 2 * host(x))
+    assert mr.is_grad_enabled()
