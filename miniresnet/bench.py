@@ -44,7 +44,10 @@ from typing import Any
 import numpy as np
 
 LIBS: tuple[str, ...] = ("ours", "torch", "autograd")
-TOLERANCE: dict[str, float] = {"float64": 1e-10, "float32": 1e-4}
+# joint relative error (see joint_rel_error) allowed between libraries. float32: PyTorch and
+# autograd themselves differ by ~4e-3 on a ResNet-20 training step (rounding through 20 batch
+# norms); 1e-2 still rejects different work (a changed weight gives O(1) errors).
+TOLERANCE: dict[str, float] = {"float64": 1e-10, "float32": 1e-2}
 THREADS = 2  # the default thread count of every library (BLAS pools, PyTorch intra-op)
 _MODULE_OF = {"torch": "torch", "autograd": "autograd"}
 
