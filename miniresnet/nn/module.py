@@ -260,7 +260,8 @@ def functional_call(module: Module, values: Mapping, *args: object, **kwargs: ob
         names = [n for n, _ in model.named_parameters()]
         def loss(*arrays):
             return F.cross_entropy(functional_call(model, dict(zip(names, arrays)), x), y)
-        grads = mr.grad(loss, argnums=tuple(range(len(names))))(*model.state_dict().values())
+        grads = mr.grad(loss, argnums=tuple(range(len(names))))(
+            *(p.raw for p in model.parameters()))
     """
     with substituted(module, values):
         return module(*args, **kwargs)
