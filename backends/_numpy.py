@@ -60,8 +60,10 @@ def im2col(
         xpad = x
     windows = sliding_window_view(xpad, (kh, kw), axis=(2, 3))  # (N, C, H', W', kh, kw)
     windows = windows[:, :, : sh * (oh - 1) + 1 : sh, : sw * (ow - 1) + 1 : sw]
-    # one copy into the (N, C, kh, kw, OH, OW) layout; copy=True: always a fresh array
-    return np.array(windows.transpose(0, 1, 4, 5, 2, 3), order="C", copy=True)
+    # one copy, stored as (N, OH, OW, C, kh, kw) and returned as the (N, C, kh, kw, OH, OW)
+    # view of it: conv2d's tensordot over (C, kh, kw) then needs no second copy
+    cols = np.array(windows.transpose(0, 2, 3, 1, 4, 5), order="C", copy=True)
+    return cols.transpose(0, 3, 4, 5, 1, 2)
 
 
 def col2im(
