@@ -2,10 +2,10 @@
 
 Run ``python -m miniresnet.bench --help``. Every case runs in one process with the same inputs
 and weights for every library, 2 threads each (threadpoolctl for BLAS, ``torch.set_num_threads``).
-Before timing, each case checks that all libraries computed the same thing (loss and gradients,
-or the Jacobian, agree to ``1e-10`` relative in float64 and ``1e-4`` in float32, the error of an
-array measured against its largest entry); a case whose check fails is reported as
-``FAILED CHECK`` and is not timed, so no ratio is ever reported for different work. A library
+Before timing, each case checks that all libraries computed the same thing: loss and gradients,
+or the Jacobian, agree within :data:`TOLERANCE` (``1e-10`` in float64, ``1e-2`` in float32) as
+the relative L2 error of all outputs taken together (:func:`joint_rel_error`). A case whose
+check fails is reported as ``FAILED CHECK`` and is not timed, so no ratio is ever reported for different work. A library
 that is not installed (``pip install miniresnet[bench]``) is skipped with a message.
 
 Times are the median of ``repeats`` calls after one warm-up call (the check's call is a second
