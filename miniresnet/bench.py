@@ -50,7 +50,6 @@ LIBS: tuple[str, ...] = ("ours", "torch", "autograd")
 # norms); 1e-2 still rejects different work (a changed weight gives O(1) errors).
 TOLERANCE: dict[str, float] = {"float64": 1e-10, "float32": 1e-2}
 THREADS = 2  # the default thread count of every library (BLAS pools, PyTorch intra-op)
-_MODULE_OF = {"torch": "torch", "autograd": "autograd"}
 
 Outputs = list[np.ndarray]
 Fn = Callable[[], Any]
@@ -76,7 +75,7 @@ def import_libs(wanted: Sequence[str] = LIBS, threads: int = THREADS
             modules[lib] = miniresnet
             continue
         try:
-            modules[lib] = importlib.import_module(_MODULE_OF[lib])
+            modules[lib] = importlib.import_module(lib)
         except ImportError as exc:
             missing[lib] = f"{lib} not installed ({exc}); pip install 'miniresnet[bench]'"
     if "torch" in modules:

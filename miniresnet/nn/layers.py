@@ -5,6 +5,7 @@ from __future__ import annotations
 from miniresnet import functional as F
 from miniresnet import ops
 from miniresnet.backends import Rng
+from miniresnet.config import current_backend
 from miniresnet.nn.init import as_rng, initializer
 from miniresnet.nn.module import Module, parameter
 from miniresnet.tracing import as_tensor
@@ -62,7 +63,7 @@ class _BatchNorm(Module):
         super().__init__()
         self.num_features, self.eps, self.momentum, self.affine = (num_features, eps, momentum,
                                                                    affine)
-        be = as_rng(None).backend
+        be = current_backend()
         dt = be.dtype(dtype)
         if affine:  # the learnable per-channel scale and shift (Caffe's separate "Scale" layer)
             self.weight = parameter(be.xp.ones(num_features, dtype=dt))

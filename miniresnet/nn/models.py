@@ -167,8 +167,7 @@ def build_model(config: dict) -> Network:
     name = config.pop("model", None)
     if name not in MODELS:
         raise ValueError(f"build_model: unknown model {name!r}; valid: {', '.join(MODELS)}")
-    positional = config.pop("n") if name == "resnet_cifar" else None
     if name == "resnet_cifar":
-        return resnet_cifar(positional, **config)
+        return resnet_cifar(config.pop("n"), **config)
     return mlp(config.pop("depth"), config.pop("width"), **config)
 
