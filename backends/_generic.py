@@ -438,5 +438,46 @@ class Backend:
         """
         return self._col2im(cols, height, width, stride, padding)
 
+    # -- convolution kernels (conv2d and its two adjoints) -------------------------------------
+    # The generic versions go through im2col / col2im and tensordot; backends with faster
+    # kernels override them. ``saved`` is whatever :meth:`conv2d` returns beside its output
+    # (here the (N, C, kh, kw, OH, OW) patches): only the same backend's adjoints read it, to
+    # skip recomputing what the forward computed.
+
+    def conv2d(self, x: Any, w: Any, stride: tuple[int, int] = (1, 1),
+               padding: tuple[int, int] = (0, 0)) -> tuple[Any, Any]:
+        """Cross-correlate (N, C, H, W) images with (F, C, kh, kw) filters.
+
+        Returns ``(out, saved)``: the (N, F, OH, OW) result and the patches for
+        :meth:`conv2d_weight_grad`.
+        """
+        cols = self.im2col(x, w.shape[2], w.shape[3], stride, padding)
+        out = self.xp.tensordot(cols, w, axes=([1, 2, 3], [1, 2, 3]))  # N, OH, OW, F
+        return self.xp.permute_dims(out, (0, 3, 1, 2)), cols
+
+    def conv2d_input_grad(self, g: Any, w: Any, height: int, width: int,
+                          stride: tuple[int, int] = (1, 1),
+                          padding: tuple[int, int] = (0, 0), saved: Any = None) -> Any:
+        """The adjoint of :meth:`conv2d` in its input: (N, F, OH, OW) -> (N, C, height, width).
+
+        ``saved`` (from :meth:`conv2d` with the same ``w``) may let a backend skip work.
+        """
+        cols = self.xp.tensordot(g, w, axes=([1], [0]))  # N, OH, OW, C, kh, kw
+        cols = self.xp.permute_dims(cols, (0, 3, 4, 5, 1, 2))
+        return self.col2im(cols, height, width, stride, padding)
+
+    def conv2d_weight_grad(self, x: Any, g: Any, kh: int, kw: int,
+                           stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                           saved: Any = None) -> Any:
+        """The adjoint of :meth:`conv2d` in its filters.
+
+        ``x`` is (N, C, H, W) and ``g`` is (*B, N, F, OH, OW) (``B``: any leading batch axes,
+        a stack of cotangents); returns (*B, F, C, kh, kw). ``saved`` (from :meth:`conv2d` on
+        the same ``x``) skips recomputing the patches.
+        """
+        cols = saved if saved is not None else self.im2col(x, kh, kw, stride, padding)
+        nd = len(g.shape)
+        return self.xp.tensordot(g, cols, axes=([nd - 4, nd - 2, nd - 1], [0, 4, 5]))
+
     def synchronize(self) -> None:
         """Wait for queued device work (only CuPy has any); use around timings."""

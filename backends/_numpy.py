@@ -11,6 +11,7 @@ array-API-only versions in :mod:`._generic`; see the test module for the equalit
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,6 +19,7 @@ import array_api_compat.numpy as xp_numpy
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from . import _malloc
 from ._generic import (
     Backend,
     _check_col2im_shape,
@@ -27,7 +29,10 @@ from ._generic import (
     to_host,
 )
 
-__all__ = ["NumpyBackend", "check_available", "col2im", "im2col", "make_backend"]
+__all__ = [
+    "NumpyBackend", "check_available", "col2im", "conv2d", "conv2d_input_grad",
+    "conv2d_weight_grad", "im2col", "make_backend",
+]
 
 
 def _inside(size: int, pad: int, offset: int, stride: int, n_out: int) -> tuple[int, int, int]:
@@ -99,6 +104,177 @@ def col2im(
     return out
 
 
+# -- conv2d kernels ----------------------------------------------------------------------------
+# conv2d and its adjoints keep the patches channel-major, (C kh kw, N OH OW), so that each
+# product is one GEMM on 2-D arrays: out = W (F, C kh kw) @ cols. The (N, F, OH, OW) results are
+# transposed views of (F, N, OH, OW) buffers; fed to the next conv, that layout makes its input
+# transpose free. Patches are built with kh * kw strided slice copies (contiguous runs of OW
+# elements). Large batches are processed in chunks of about CHUNK patch elements, so that no
+# temporary is large enough to be served (and page-faulted) by a fresh mmap on every call.
+# With stride 1, the input gradient is itself a convolution (of the cotangent with the flipped,
+# transposed filters), which is cheaper than scattering patches back with col2im.
+
+CHUNK = 1 << 19
+
+
+def _chunks(n: int, per_image: int) -> list[tuple[int, int]]:
+    """Batch ranges ``[a, b)`` holding about :data:`CHUNK` patch elements each."""
+    if n * per_image <= 4 * CHUNK:
+        return [(0, n)]
+    step = max(1, CHUNK // per_image)
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def _patches(x: np.ndarray, kh: int, kw: int, stride: Sequence[int], padding: Sequence[int]
+             ) -> np.ndarray:
+    """Channel-major patches (C, kh, kw, N, OH, OW) of (N, C, H, W) images."""
+    n, c, h, w = _check_image(x)
+    oh, ow, sh, sw, ph, pw = conv_output_size(h, w, kh, kw, stride, padding)
+    xt = x.transpose(1, 0, 2, 3)
+    if ph or pw:
+        xpad = np.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
+        xpad[:, :, ph : ph + h, pw : pw + w] = xt
+    else:
+        xpad = xt
+    cols = np.empty((c, kh, kw, n, oh, ow), dtype=x.dtype)
+    h_span, w_span = sh * (oh - 1) + 1, sw * (ow - 1) + 1
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, i, j] = xpad[:, :, i : i + h_span : sh, j : j + w_span : sw]
+    return cols
+
+
+def _conv(x: np.ndarray, w: np.ndarray, stride: Sequence[int], padding: Sequence[int]
+          ) -> tuple[np.ndarray, list[np.ndarray]]:
+    f, c, kh, kw = w.shape
+    n, _, h, wd = x.shape
+    oh, ow = conv_output_size(h, wd, kh, kw, stride, padding)[:2]
+    w2 = w.reshape(f, c * kh * kw)
+    ranges = _chunks(n, c * kh * kw * oh * ow)
+    saved = []
+    out = None
+    for a, b in ranges:
+        cols = _patches(x[a:b], kh, kw, stride, padding).reshape(c * kh * kw, -1)
+        saved.append(cols)
+        part = w2 @ cols
+        if len(ranges) == 1:
+            out = part
+        else:
+            if out is None:
+                out = np.empty((f, n, oh * ow), dtype=part.dtype)
+            out[:, a:b] = part.reshape(f, b - a, oh * ow)
+    assert out is not None
+    return out.reshape(f, n, oh, ow).transpose(1, 0, 2, 3), saved
+
+
+# On small images (H W <= 2 kh kw) a convolution is cheaper as one product with its dense
+# (C H W, F OH OW) matrix than through patches: the matrix is small, the GEMM is large and no
+# patch copies are made. The matrix is built from the filters and a cached 0/1 placement array.
+TOEPLITZ_MAX = 1 << 22  # largest dense matrix (elements) worth building
+
+
+def _toeplitz_ok(c: int, h: int, w: int, f: int, kh: int, kw: int, oh: int, ow: int) -> bool:
+    return h * w <= 2 * kh * kw and c * h * w * f * oh * ow <= TOEPLITZ_MAX
+
+
+@functools.lru_cache(maxsize=64)
+def _placement(h: int, w: int, kh: int, kw: int, stride: tuple[int, int],
+               padding: tuple[int, int]) -> np.ndarray:
+    """0/1 array (kh kw, H W OH OW): 1 where kernel offset (i, j) at output (oh, ow) reads
+    input pixel (y, x)."""
+    oh, ow, sh, sw, ph, pw = conv_output_size(h, w, kh, kw, stride, padding)
+    s = np.zeros((kh, kw, h, w, oh, ow))
+    for i in range(kh):
+        for j in range(kw):
+            for a in range(oh):
+                for b in range(ow):
+                    y, x = a * sh + i - ph, b * sw + j - pw
+                    if 0 <= y < h and 0 <= x < w:
+                        s[i, j, y, x, a, b] = 1.0
+    s = s.reshape(kh * kw, h * w * oh * ow)
+    s.setflags(write=False)
+    return s
+
+
+def _toeplitz(w: np.ndarray, h: int, wd: int, stride: Sequence[int], padding: Sequence[int]
+              ) -> np.ndarray:
+    """The (C H W, F OH OW) matrix of conv2d with filters ``w`` on H x W images."""
+    f, c, kh, kw = w.shape
+    oh, ow = conv_output_size(h, wd, kh, kw, stride, padding)[:2]
+    s = _placement(h, wd, kh, kw, tuple(stride), tuple(padding)).astype(w.dtype, copy=False)
+    t = (w.reshape(f * c, kh * kw) @ s).reshape(f, c, h * wd, oh * ow)
+    return t.transpose(1, 2, 0, 3).reshape(c * h * wd, f * oh * ow)
+
+
+def _geometry(x_shape, w_shape, stride, padding):
+    n, c, h, wd = x_shape
+    f, _, kh, kw = w_shape
+    oh, ow = conv_output_size(h, wd, kh, kw, stride, padding)[:2]
+    return n, c, h, wd, f, kh, kw, oh, ow
+
+
+def conv2d(x: Any, w: Any, stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0)
+           ) -> tuple[np.ndarray, dict]:
+    """Fast NumPy conv2d; same contract as :meth:`._generic.Backend.conv2d` (``saved`` is a dict
+    with the patch chunks or the dense matrix)."""
+    x, w = np.asarray(x), np.asarray(w)
+    n, c, h, wd, f, kh, kw, oh, ow = _geometry(x.shape, w.shape, stride, padding)
+    if _toeplitz_ok(c, h, wd, f, kh, kw, oh, ow):
+        t = _toeplitz(w, h, wd, stride, padding)
+        x2 = x.reshape(n, c * h * wd)
+        return (x2 @ t).reshape(n, f, oh, ow), {"toeplitz": t, "x2": x2}
+    out, cols = _conv(x, w, stride, padding)
+    return out, {"cols": cols}
+
+
+def conv2d_input_grad(g: Any, w: Any, height: int, width: int,
+                      stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
+                      saved: Any = None) -> np.ndarray:
+    """Fast NumPy adjoint of conv2d in its input (``saved``: from :func:`conv2d` with ``w``)."""
+    g, w = np.asarray(g), np.asarray(w)
+    n, f, oh, ow = g.shape
+    c, kh, kw = w.shape[1:]
+    _, _, sh, sw, ph, pw = conv_output_size(height, width, kh, kw, stride, padding)
+    if _toeplitz_ok(c, height, width, f, kh, kw, oh, ow):
+        t = saved["toeplitz"] if saved and "toeplitz" in saved else _toeplitz(
+            w, height, width, stride, padding)
+        return (g.reshape(n, f * oh * ow) @ t.T).reshape(n, c, height, width)
+    if (sh, sw) == (1, 1) and ph < kh and pw < kw:
+        flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+        return _conv(g, flipped, (1, 1), (kh - 1 - ph, kw - 1 - pw))[0]
+    gt = g.transpose(1, 0, 2, 3).reshape(f, n * oh * ow)
+    cols = (w.reshape(f, c * kh * kw).T @ gt).reshape(c, kh, kw, n, oh, ow)
+    return col2im(cols.transpose(3, 0, 1, 2, 4, 5), height, width, stride, padding)
+
+
+def conv2d_weight_grad(x: Any, g: Any, kh: int, kw: int, stride: Sequence[int] = (1, 1),
+                       padding: Sequence[int] = (0, 0), saved: Any = None) -> np.ndarray:
+    """Fast NumPy adjoint of conv2d in its filters (one GEMM per chunk, over every batch
+    axis of ``g`` at once)."""
+    g = np.asarray(g)
+    n, c, h, wd = np.shape(x)
+    lead, f, oh, ow = g.shape[:-4], g.shape[-3], g.shape[-2], g.shape[-1]
+    if _toeplitz_ok(c, h, wd, f, kh, kw, oh, ow):
+        x2 = saved["x2"] if saved and "x2" in saved else np.asarray(x).reshape(n, c * h * wd)
+        dt = np.matmul(x2.T, g.reshape(*lead, n, f * oh * ow))  # (*B, C H W, F OH OW)
+        dt = np.moveaxis(dt.reshape(*lead, c, h * wd, f, oh * ow), -2, -4)  # (*B, F, C, HW, L)
+        s = _placement(h, wd, kh, kw, tuple(stride), tuple(padding)).astype(g.dtype, copy=False)
+        return (dt.reshape(-1, h * wd * oh * ow) @ s.T).reshape(*lead, f, c, kh, kw)
+    ranges = _chunks(n, c * kh * kw * oh * ow)
+    cols_list = saved.get("cols") if saved else None
+    if cols_list is None or len(cols_list) != len(ranges):
+        x = np.asarray(x)
+        cols_list = [_patches(x[a:b], kh, kw, stride, padding).reshape(c * kh * kw, -1)
+                     for a, b in ranges]
+    gt = np.moveaxis(g, -3, -4)  # (*B, F, N, OH, OW)
+    dw = None
+    for (a, b), cols in zip(ranges, cols_list, strict=True):
+        part = gt[..., a:b, :, :].reshape(-1, (b - a) * oh * ow) @ cols.T
+        dw = part if dw is None else dw + part
+    assert dw is not None
+    return dw.reshape(*lead, f, c, kh, kw)
+
+
 class NumpyBackend(Backend):
     """NumPy arrays through ``array_api_compat.numpy``, with the fast conv helpers above.
 
@@ -109,6 +285,20 @@ class NumpyBackend(Backend):
     def __init__(self) -> None:
         super().__init__("numpy", xp_numpy, np.ndarray, im2col_impl=im2col,
                          col2im_impl=lambda cols, *geometry: col2im(np.asarray(cols), *geometry))
+
+    def conv2d(self, x: Any, w: Any, stride: tuple[int, int] = (1, 1),
+               padding: tuple[int, int] = (0, 0)) -> tuple[Any, Any]:
+        return conv2d(x, w, stride, padding)
+
+    def conv2d_input_grad(self, g: Any, w: Any, height: int, width: int,
+                          stride: tuple[int, int] = (1, 1),
+                          padding: tuple[int, int] = (0, 0), saved: Any = None) -> Any:
+        return conv2d_input_grad(g, w, height, width, stride, padding, saved)
+
+    def conv2d_weight_grad(self, x: Any, g: Any, kh: int, kw: int,
+                           stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                           saved: Any = None) -> Any:
+        return conv2d_weight_grad(x, g, kh, kw, stride, padding, saved)
 
     def asarray(self, obj: Any, dtype: Any = None, *, copy: bool | None = None) -> np.ndarray:
         if dtype is not None:
@@ -127,5 +317,7 @@ def check_available() -> tuple[bool, str]:
 
 
 def make_backend() -> NumpyBackend:
-    """Create the NumPy backend (called once, by the registry)."""
+    """Create the NumPy backend (called once, by the registry); tunes glibc's allocator (see
+    :mod:`._malloc`, opt out with ``MINIRESNET_TUNE_MALLOC=0``)."""
+    _malloc.tune()
     return NumpyBackend()

@@ -49,8 +49,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0) -> Tensor:
         )
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"conv2d: bias shape {bias.shape} != ({weight.shape[0]},)")
-    cols = ops.im2col(x, weight.shape[2], weight.shape[3], stride, padding)  # N,C,kh,kw,OH,OW
-    out = ops.transpose(ops.tensordot(cols, weight, axes=((1, 2, 3), (1, 2, 3))), (0, 3, 1, 2))
+    out = ops.conv(x, weight, stride, padding)
     if bias is not None:
         out = out + ops.reshape(bias, (1, -1, 1, 1))
     return out
@@ -95,23 +94,20 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
                 f"batch_norm: expected more than 1 value per channel when training, got input "
                 f"of shape {x.shape}"
             )
-        mean = ops.mean(x, axes, keepdims=True)
-        centred = x - mean
-        var = ops.mean(centred * centred, axes, keepdims=True)
+        stats: dict = {}
+        out = ops.standardize(x, axes, eps, cache=stats)  # closed-form derivative rules
         if running_mean is not None and running_var is not None:
             with no_grad():
                 rm, rv = as_tensor(running_mean), as_tensor(running_var)
-                new_mean = rm * (1 - momentum) + ops.reshape(mean, (-1,)).detach() * momentum
-                unbiased = ops.reshape(var, (-1,)).detach() * (count / (count - 1))
-                new_var = rv * (1 - momentum) + unbiased * momentum
-                _update_running(running_mean, new_mean)
-                _update_running(running_var, new_var)
+                mean = ops.reshape(as_tensor(stats["mean"]), (-1,))
+                unbiased = ops.reshape(as_tensor(stats["var"]), (-1,)) * (count / (count - 1))
+                _update_running(running_mean, rm * (1 - momentum) + mean * momentum)
+                _update_running(running_var, rv * (1 - momentum) + unbiased * momentum)
     else:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm: evaluation mode needs running_mean and running_var")
         centred = x - ops.reshape(as_tensor(running_mean), shape)
-        var = ops.reshape(as_tensor(running_var), shape)
-    out = centred / ops.sqrt(var + eps)
+        out = centred / ops.sqrt(ops.reshape(as_tensor(running_var), shape) + eps)
     if weight is not None:
         out = out * ops.reshape(weight, shape)
     if bias is not None:

@@ -459,6 +459,94 @@ def col2im(cols, height: int, width: int, stride=1, padding=0) -> Tensor:
     return bind(P.col2im, cols, height=height, width=width, stride=stride, padding=padding)
 
 
+def _conv_operands(name: str, a, b, same: tuple[int, int], layout: str):
+    """``a`` and ``b`` as Tensors, checked: both at least 4-D, sharing the axis ``same``."""
+    a, b = as_tensor(a), as_tensor(b)
+    if a.ndim < 4 or b.ndim < 4 or a.shape[same[0]] != b.shape[same[1]]:
+        raise ValueError(f"{name}: expected {layout}, got shapes {a.shape} and {b.shape}")
+    _check_dtypes(name, (a, b))
+    return a, b
+
+
+def _conv_geometry(name: str, image_shape, kernel_shape, stride, padding, out_shape=None):
+    """Validated ``(stride, padding)`` pairs; ``out_shape``, if given, must be the output size."""
+    stride, padding = _pair(name, stride, "stride"), _pair(name, padding, "padding")
+    kh, kw = kernel_shape
+    oh = conv_output_size(image_shape[0], kh, stride[0], padding[0])
+    ow = conv_output_size(image_shape[1], kw, stride[1], padding[1])
+    if oh < 1 or ow < 1 or min(stride) < 1 or min(padding) < 0 or min(kh, kw) < 1:
+        raise ValueError(
+            f"{name}: a {kh}x{kw} kernel with stride {stride} and padding {padding} does not "
+            f"fit input of spatial size {tuple(image_shape)}"
+        )
+    if out_shape is not None and (oh, ow) != tuple(out_shape):
+        raise ValueError(
+            f"{name}: a cotangent of spatial size {tuple(out_shape)} does not match an image of "
+            f"size {tuple(image_shape)} with a {kh}x{kw} kernel, stride {stride} and padding "
+            f"{padding} (output size {(oh, ow)})"
+        )
+    return stride, padding
+
+
+def conv(x, w, stride=1, padding=0, *, cache: dict | None = None) -> Tensor:
+    """Cross-correlation of ``x`` (shape ``(..., N, C, H, W)``) with filters ``w`` (shape
+    ``(..., F, C, kh, kw)``), giving ``(..., N, F, OH, OW)``; the primitive under
+    :func:`miniresnet.functional.conv2d` (which adds a bias and checks its inputs)."""
+    x, w = _conv_operands("conv", x, w, (-3, -3),
+                          "x (..., N, C, H, W) and w (..., F, C, kh, kw) with equal C")
+    stride, padding = _conv_geometry("conv", x.shape[-2:], w.shape[-2:], stride, padding)
+    return bind(P.conv, x, w, stride=stride, padding=padding,
+                cache={} if cache is None else cache)
+
+
+def conv_transpose(g, w, height: int, width: int, stride=1, padding=0, *,
+                   cache: dict | None = None) -> Tensor:
+    """The adjoint of :func:`conv` in its input: ``(..., N, F, OH, OW)`` cotangents to
+    ``(..., N, C, height, width)``."""
+    g, w = _conv_operands("conv_transpose", g, w, (-3, -4),
+                          "g (..., N, F, OH, OW) and w (..., F, C, kh, kw) with equal F")
+    stride, padding = _conv_geometry("conv_transpose", (height, width), w.shape[-2:], stride,
+                                     padding, g.shape[-2:])
+    return bind(P.conv_transpose, g, w, height=height, width=width, stride=stride,
+                padding=padding, cache=cache)
+
+
+def conv_weight_grad(x, g, kh: int, kw: int, stride=1, padding=0, *,
+                     cache: dict | None = None) -> Tensor:
+    """The adjoint of :func:`conv` in its filters: ``(..., F, C, kh, kw)`` from images ``x``
+    ``(..., N, C, H, W)`` and cotangents ``g`` ``(..., N, F, OH, OW)`` (summed over N)."""
+    x, g = _conv_operands("conv_weight_grad", x, g, (-4, -4),
+                          "x (..., N, C, H, W) and g (..., N, F, OH, OW) with equal N")
+    stride, padding = _conv_geometry("conv_weight_grad", x.shape[-2:], (kh, kw), stride,
+                                     padding, g.shape[-2:])
+    return bind(P.conv_weight_grad, x, g, kh=kh, kw=kw, stride=stride, padding=padding,
+                cache=cache)
+
+
+def _norm_axes(name: str, x: Tensor, axis) -> tuple[int, ...]:
+    return tuple(a - x.ndim for a in _axes(name, axis, x.ndim))
+
+
+def standardize(x, axis, eps: float = 1e-5, *, cache: dict | None = None) -> Tensor:
+    """``(x - mean(x)) / sqrt(var(x) + eps)`` with the statistics over ``axis`` (biased
+    variance), as batch norm computes it in training mode.
+
+    ``cache``, if given, must be an empty dict; it receives the forward statistics as backend
+    arrays (``"mean"``, ``"var"``, ``"inv"``, ``"xhat"``) for e.g. running averages.
+    """
+    x = as_tensor(x)
+    axis = _norm_axes("standardize", x, axis)
+    return bind(P.standardize, x, axis=axis, eps=float(eps),
+                cache={} if cache is None else cache)
+
+
+def inv_std(x, axis, eps: float = 1e-5, *, cache: dict | None = None) -> Tensor:
+    """``1 / sqrt(var(x) + eps)`` over ``axis`` (biased variance), with kept dimensions."""
+    x = as_tensor(x)
+    axis = _norm_axes("inv_std", x, axis)
+    return bind(P.inv_std, x, axis=axis, eps=float(eps), cache={} if cache is None else cache)
+
+
 # -- Tensor operators and methods -----------------------------------------------------------------
 def _reflect(fn):
     return lambda self, other: fn(other, self)
@@ -496,5 +584,6 @@ __all__ = [
     "zeros_like", "ones_like", "full_like", "sum", "mean", "var", "max", "logsumexp",
     "log_softmax", "softmax", "reshape", "transpose", "matrix_transpose", "broadcast_to",
     "getitem", "untake", "pad", "concat", "stack", "matmul", "tensordot", "im2col", "col2im",
+    "conv", "conv_transpose", "conv_weight_grad", "standardize", "inv_std",
     "broadcast_shapes", "conv_output_size",
 ]

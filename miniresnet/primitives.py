@@ -181,6 +181,136 @@ def _col2im_impl(xp, cols, height, width, stride, padding):
     return xp.reshape(img, lead + tuple(img.shape[1:]))
 
 
+# conv, conv_transpose and conv_weight_grad are one bilinear map and its two adjoints, so each
+# one's derivative rules are the other two. Shapes (leading axes broadcast between arguments):
+#   conv(x (*L, N, C, H, W), w (*M, F, C, kh, kw))            -> (*LM, N, F, OH, OW)
+#   conv_transpose(g (*L, N, F, OH, OW), w (*M, F, C, kh, kw))  -> (*LM, N, C, H, W)
+#   conv_weight_grad(x (*L, N, C, H, W), g (*M, N, F, OH, OW))  -> (*LM, F, C, kh, kw)
+# ``cache`` is a dict shared by the nodes that one conv's derivatives create: conv stores what
+# its kernel saved (patches, or a dense matrix) with its input and filter arrays there, and the
+# adjoints reuse it when called on the same arrays (checked by identity) instead of recomputing.
+
+
+def _shape_of(xp, a, lead, core):
+    return xp.reshape(a, lead + tuple(a.shape[a.ndim - core:])) if lead != a.shape[:-core] else a
+
+
+def _pairwise(xp, kernel, a, b, core_a: int, core_b: int):
+    """Apply ``kernel`` to every pair of core blocks of ``a`` and ``b`` (leading axes broadcast)."""
+    lead = o.broadcast_shapes("conv", a.shape[: a.ndim - core_a], b.shape[: b.ndim - core_b])
+    a = xp.reshape(xp.broadcast_to(a, lead + a.shape[a.ndim - core_a:]),
+                   (-1,) + a.shape[a.ndim - core_a:])
+    b = xp.reshape(xp.broadcast_to(b, lead + b.shape[b.ndim - core_b:]),
+                   (-1,) + b.shape[b.ndim - core_b:])
+    out = xp.stack([kernel(a[i, ...], b[i, ...]) for i in range(a.shape[0])])
+    return xp.reshape(out, lead + out.shape[1:])
+
+
+def _conv_impl(xp, x, w, stride, padding, cache):
+    be = backend_of(x)
+    if w.ndim > 4:  # a stack of filters (higher-order derivatives with stacked cotangents)
+        return _pairwise(xp, lambda a, b: be.conv2d(a, b, stride, padding)[0], x, w, 4, 4)
+    x4, lead = _merge_lead(xp, x, 3)
+    out, saved = be.conv2d(x4, w, stride, padding)
+    if cache is not None and not cache and x.ndim == 4:
+        cache["input"], cache["weight"], cache["saved"] = x, w, saved
+    return _shape_of(xp, out, lead, 3)
+
+
+def _conv_transpose_impl(xp, g, w, height, width, stride, padding, cache):
+    be = backend_of(g)
+    if w.ndim > 4:
+        return _pairwise(xp, lambda a, b: be.conv2d_input_grad(a, b, height, width, stride,
+                                                               padding), g, w, 4, 4)
+    g4, lead = _merge_lead(xp, g, 3)
+    saved = cache.get("saved") if cache and cache.get("weight") is w else None
+    return _shape_of(xp, be.conv2d_input_grad(g4, w, height, width, stride, padding, saved),
+                     lead, 3)
+
+
+def _conv_weight_grad_impl(xp, x, g, kh, kw, stride, padding, cache):
+    be = backend_of(x)
+    if x.ndim > 4:
+        return _pairwise(xp, lambda a, b: be.conv2d_weight_grad(a, b, kh, kw, stride, padding),
+                         x, g, 4, 4)
+    saved = cache.get("saved") if cache and cache.get("input") is x else None
+    return be.conv2d_weight_grad(x, g, kh, kw, stride, padding, saved)
+
+
+def _unlead(r, arg, ans):
+    """Sum ``r`` over the leading axes that ``arg`` was broadcast along."""
+    full = ans.shape[: ans.ndim - 4] + arg.shape[arg.ndim - 4:]
+    return r if full == arg.shape else _unbroadcast(r, arg.shape, full)
+
+
+def _conv_vjp_x(g, ans, x, w, stride, padding, cache):
+    return _unlead(o.conv_transpose(g, w, x.shape[-2], x.shape[-1], stride, padding,
+                                    cache=cache), x, ans)
+
+
+def _conv_vjp_w(g, ans, x, w, stride, padding, cache):
+    return _unlead(o.conv_weight_grad(x, g, w.shape[-2], w.shape[-1], stride, padding,
+                                      cache=cache), w, ans)
+
+
+def _conv_transpose_vjp_g(h, ans, g, w, height, width, stride, padding, cache):
+    return _unlead(o.conv(h, w, stride, padding), g, ans)
+
+
+def _conv_transpose_vjp_w(h, ans, g, w, height, width, stride, padding, cache):
+    return _unlead(o.conv_weight_grad(h, g, w.shape[-2], w.shape[-1], stride, padding), w, ans)
+
+
+def _conv_weight_grad_vjp_x(h, ans, x, g, kh, kw, stride, padding, cache):
+    return _unlead(o.conv_transpose(g, h, x.shape[-2], x.shape[-1], stride, padding), x, ans)
+
+
+def _conv_weight_grad_vjp_g(h, ans, x, g, kh, kw, stride, padding, cache):
+    return _unlead(o.conv(x, h, stride, padding, cache=cache), g, ans)
+
+
+# standardize(x) = (x - mean(x)) * inv_std(x) over ``axis`` (negative axes, so that stacked
+# cotangents broadcast); inv_std(x) = 1 / sqrt(var(x) + eps) with keepdims. Their rules give
+# batch norm's closed-form backward, g -> inv * (g - mean(g) - x^ mean(g x^)), which is also
+# its JVP (the Jacobian is symmetric), and the rules themselves are differentiable. ``cache``
+# keeps the forward statistics (keyed by the input array) so that the rules reuse them.
+
+
+def _standardize_stats(xp, x, axis, eps, cache):
+    if cache and cache.get("input") is x:
+        return cache
+    mean = xp.mean(x, axis=axis, keepdims=True)
+    centred = x - mean
+    var = xp.mean(centred * centred, axis=axis, keepdims=True)
+    inv = 1.0 / xp.sqrt(var + eps)
+    centred *= inv
+    stats = {"input": x, "mean": mean, "var": var, "inv": inv, "xhat": centred}
+    if cache is not None and not cache:
+        cache.update(stats)
+    return stats
+
+
+def _standardize_rule(g, ans, x, axis, eps, cache):
+    inv = o.inv_std(x, axis, eps, cache=cache)
+    return (g - o.mean(g, axis, keepdims=True)
+            - ans * o.mean(g * ans, axis, keepdims=True)) * inv
+
+
+def _count(x, axis) -> int:
+    n = 1
+    for a in axis:
+        n *= x.shape[a]
+    return n
+
+
+def _inv_std_vjp(g, ans, x, axis, eps, cache):
+    return (g * (ans * ans) * (-1.0 / _count(x, axis))) * o.standardize(x, axis, eps, cache=cache)
+
+
+def _inv_std_jvp(t, ans, x, axis, eps, cache):
+    return -(ans * ans) * o.mean(t * o.standardize(x, axis, eps, cache=cache), axis, keepdims=True)
+
+
 def _im2col_vjp(g, ans, x, kh, kw, stride, padding):
     return o.col2im(g, x.shape[-2], x.shape[-1], stride, padding)
 
@@ -235,8 +365,8 @@ sigmoid = Primitive("sigmoid", lambda xp, x: 0.5 * (xp.tanh(0.5 * x) + 1.0),  # 
     vjp=(lambda g, ans, x: g * (ans * (1.0 - ans)),),
     jvp=(lambda t, ans, x: t * (ans * (1.0 - ans)),))
 relu = Primitive("relu", lambda xp, x: xp.where(x > 0, x, xp.zeros_like(x)),  # d/dx = 0 at 0
-    vjp=(lambda g, ans, x: g * _mask(o.greater(x, 0.0), x),),
-    jvp=(lambda t, ans, x: t * _mask(o.greater(x, 0.0), x),))
+    vjp=(lambda g, ans, x: o.where(o.greater(ans, 0.0), g, 0.0),),
+    jvp=(lambda t, ans, x: o.where(o.greater(ans, 0.0), t, 0.0),))
 where = Primitive("where", lambda xp, c, x, y: xp.where(c, x, y),  # c: a boolean constant
     vjp=(None,
          lambda g, ans, c, x, y: o.where(c, g, 0.0),
@@ -303,6 +433,25 @@ im2col = Primitive("im2col", _im2col_impl,  # (..., C, H, W) -> (..., C, kh, kw,
 col2im = Primitive("col2im", _col2im_impl,  # the adjoint of im2col
     vjp=(_col2im_vjp,),
     jvp=LINEAR)
+conv = Primitive("conv", _conv_impl,  # x (..., N, C, H, W) with w (..., F, C, kh, kw)
+    vjp=(_conv_vjp_x, _conv_vjp_w),
+    jvp=LINEAR)
+conv_transpose = Primitive("conv_transpose", _conv_transpose_impl,  # adjoint of conv in x
+    vjp=(_conv_transpose_vjp_g, _conv_transpose_vjp_w),
+    jvp=LINEAR)
+conv_weight_grad = Primitive("conv_weight_grad", _conv_weight_grad_impl,  # adjoint in w
+    vjp=(_conv_weight_grad_vjp_x, _conv_weight_grad_vjp_g),
+    jvp=LINEAR)
+
+# -- normalisation (batch norm's statistics; axis: negative axes) ------------------------------
+standardize = Primitive("standardize",
+    lambda xp, x, axis, eps, cache: _standardize_stats(xp, x, axis, eps, cache)["xhat"],
+    vjp=(_standardize_rule,),
+    jvp=(_standardize_rule,))
+inv_std = Primitive("inv_std",
+    lambda xp, x, axis, eps, cache: _standardize_stats(xp, x, axis, eps, cache)["inv"],
+    vjp=(_inv_std_vjp,),
+    jvp=(_inv_std_jvp,))
 # fmt: on
 
 tracing._ADD = add
@@ -311,5 +460,6 @@ PRIMITIVES = {
     p.name: p
     for p in (add, sub, mul, div, neg, power, exp, log, sqrt, tanh, sigmoid, relu, where, astype,
               sum_, max_, logsumexp, reshape, transpose, broadcast_to, getitem, untake, pad,
-              concat, matmul, tensordot, im2col, col2im)
+              concat, matmul, tensordot, im2col, col2im, conv, conv_transpose, conv_weight_grad,
+              standardize, inv_std)
 }

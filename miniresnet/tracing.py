@@ -430,7 +430,7 @@ def backward_pass(root: Node, g: Tensor, order: list[Node] | None = None, free: 
                 old = cts.get(parent)
                 cts[parent] = contribution if old is None else bind(_ADD, old, contribution)
             if free:
-                node.args = node.out = None
+                node.args = node.out = node.params = None
     finally:
         _state["backward_op"] = previous
     return leaves

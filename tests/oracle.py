@@ -396,6 +396,37 @@ def conv_example(draw):
     return _ex({"stride": stride, "padding": padding}, *xs)
 
 
+_LEADS = [(), (2,)]  # leading axes of the conv primitives' arguments (stacks, broadcast)
+
+
+@st.composite
+def conv_primitive_example(draw, which):
+    """Arguments of the conv / conv_transpose / conv_weight_grad primitives, each with
+    optional leading axes (broadcast between the two arguments)."""
+    cfg = draw(conv_configs())
+    stride, padding = _geometry(draw, cfg)
+    (n, c, h, w), (f, _, kh, kw) = cfg["x_shape"], cfg["w_shape"]
+    la, lb = draw(st.sampled_from(_LEADS)), draw(st.sampled_from(_LEADS))
+    image, out, filt = (n, c, h, w), (n, f) + cfg["out_hw"], (f, c, kh, kw)
+    shapes_ = {"conv": (image, filt), "conv_transpose": (out, filt),
+               "conv_weight_grad": (image, out)}[which]
+    p = {"stride": stride, "padding": padding, "kh": kh, "kw": kw, "height": h, "width": w}
+    return _ex(p, draw(host_arrays(la + shapes_[0])), draw(host_arrays(lb + shapes_[1])))
+
+
+@st.composite
+def standardize_example(draw):
+    shape = draw(shapes(min_dims=1, max_dims=4, max_side=3))
+    axis = tuple(sorted(draw(st.sets(st.integers(0, len(shape) - 1), min_size=1))))
+    assume(math.prod(shape[a] for a in axis) > 2)
+    x = draw(host_arrays(shape))
+    # away from zero variance (see batch_norm_example)
+    assume(np.min(np.var(x, axis=axis)) > 0.05)
+    negative = draw(st.booleans())
+    axis = tuple(a - len(shape) for a in axis) if negative else axis
+    return _ex({"axis": axis, "eps": draw(st.sampled_from([1e-5, 0.1]))}, x)
+
+
 @st.composite
 def batch_norm_example(draw):
     four_d = draw(st.booleans())
@@ -534,6 +565,41 @@ def conv2d_oracle(x, w, b, stride, padding):
             out = out + anp.einsum("nchw,fc->nfhw", _window(xpad, i, j, oh, ow, sh, sw),
                                    w[:, :, i, j])
     return out if b is None else out + b[None, :, None, None]
+
+
+def _over_leads(fn, a, b, core_a=4, core_b=4):
+    """``fn`` on every pair of core blocks of ``a`` and ``b``, leading axes broadcast."""
+    la, lb = a.shape[:a.ndim - core_a], b.shape[:b.ndim - core_b]
+    if not la and not lb:
+        return fn(a, b)
+    lead = np.broadcast_shapes(la, lb)
+    outs = [fn(a[idx[len(lead) - len(la):]] if la else a, b[idx[len(lead) - len(lb):]] if lb else b)
+            for idx in np.ndindex(*lead)]
+    out = anp.stack(outs)
+    return anp.reshape(out, lead + out.shape[1:])
+
+
+def conv_transpose_oracle(g, w, height, width, stride, padding):
+    def one(g, w):
+        cols = anp.einsum("nfhw,fcij->ncijhw", g, w)
+        return col2im_oracle(cols, height, width, stride, padding)
+    return _over_leads(one, g, w)
+
+
+def conv_weight_grad_oracle(x, g, kh, kw, stride, padding):
+    def one(x, g):
+        return anp.einsum("nfhw,ncijhw->fcij", g, im2col_oracle(x, kh, kw, stride, padding))
+    return _over_leads(one, x, g)
+
+
+def standardize_oracle(x, axis, eps):
+    mean = anp.mean(x, axis=axis, keepdims=True)
+    return (x - mean) / anp.sqrt(anp.mean((x - mean) ** 2, axis=axis, keepdims=True) + eps)
+
+
+def inv_std_oracle(x, axis, eps):
+    mean = anp.mean(x, axis=axis, keepdims=True)
+    return 1.0 / anp.sqrt(anp.mean((x - mean) ** 2, axis=axis, keepdims=True) + eps)
 
 
 def avg_pool_oracle(x, kernel, s, padding):
@@ -723,14 +789,34 @@ case("col2im",
      lambda p, c: mr.col2im(c, p["height"], p["width"], p["stride"], p["padding"]),
      lambda p, c: col2im_oracle(c, p["height"], p["width"], p["stride"], p["padding"]),
      col2im_example(), ["col2im"])
+case("conv", lambda p, x, w: mr.conv(x, w, p["stride"], p["padding"]),
+     lambda p, x, w: _over_leads(lambda a, b: conv2d_oracle(a, b, None, p["stride"],
+                                                            p["padding"]), x, w),
+     conv_primitive_example("conv"), ["conv"])
+case("conv_transpose",
+     lambda p, g, w: mr.conv_transpose(g, w, p["height"], p["width"], p["stride"], p["padding"]),
+     lambda p, g, w: conv_transpose_oracle(g, w, p["height"], p["width"], p["stride"],
+                                           p["padding"]),
+     conv_primitive_example("conv_transpose"), ["conv_transpose"])
+case("conv_weight_grad",
+     lambda p, x, g: mr.conv_weight_grad(x, g, p["kh"], p["kw"], p["stride"], p["padding"]),
+     lambda p, x, g: conv_weight_grad_oracle(x, g, p["kh"], p["kw"], p["stride"], p["padding"]),
+     conv_primitive_example("conv_weight_grad"), ["conv_weight_grad"])
+
+# normalisation
+case("standardize", lambda p, x: mr.standardize(x, p["axis"], p["eps"]),
+     lambda p, x: standardize_oracle(x, _axes(p["axis"], x.ndim), p["eps"]),
+     standardize_example(), ["standardize"])
+case("inv_std", lambda p, x: mr.inv_std(x, p["axis"], p["eps"]),
+     lambda p, x: inv_std_oracle(x, _axes(p["axis"], x.ndim), p["eps"]),
+     standardize_example(), ["inv_std"])
 
 # neural-network functions
 case("conv2d",
      lambda p, x, w, *b: F.conv2d(x, w, b[0] if b else None, p["stride"], p["padding"]),
      lambda p, x, w, *b: conv2d_oracle(x, w, b[0] if b else None, p["stride"], p["padding"]),
-     conv_example(), ["im2col", "tensordot", "transpose"])
-case("batch_norm", batch_norm_fun, batch_norm_oracle, batch_norm_example(),
-     ["sum", "sqrt", "div"])
+     conv_example(), ["conv"])
+case("batch_norm", batch_norm_fun, batch_norm_oracle, batch_norm_example(), ["standardize"])
 case("linear", lambda p, x, w, *b: F.linear(x, w, *b),
      lambda p, x, w, *b: anp.dot(x, w.T) + (b[0] if b else 0.0), linear_example(),
      ["tensordot"])

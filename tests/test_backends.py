@@ -157,6 +157,104 @@ def test_numpy_fast_path_equals_generic(geom, seed):
     np.testing.assert_allclose(fast_back, generic_back, rtol=1e-15, atol=1e-15)
 
 
+# ----------------------------------------------------------------------------------------------
+# conv2d kernels: every backend against a reference, and every NumPy fast path (patches in
+# chunks or not, dense matrix, flipped-filter input gradient, col2im) against the generic ones
+# ----------------------------------------------------------------------------------------------
+
+
+def ref_conv(x, w, stride, padding):
+    cols = ref_im2col(x, w.shape[2], w.shape[3], stride, padding)
+    return np.einsum("ncijhw,fcij->nfhw", cols, w)
+
+
+@st.composite
+def conv_problems(draw):
+    n, c, h, w, kh, kw, stride, padding = draw(geometries())
+    f = draw(st.integers(1, 3))
+    lead = draw(st.sampled_from([(), (2,), (2, 3)]))  # stacked cotangents for the weight grad
+    return n, c, h, w, f, kh, kw, stride, padding, lead
+
+
+def _conv_all(be, x, w, g, gs, geom):
+    n, c, h, wd, f, kh, kw, stride, padding, lead = geom
+    out, saved = be.conv2d(x, w, stride, padding)
+    return [out, be.conv2d_input_grad(g, w, h, wd, stride, padding),
+            be.conv2d_input_grad(g, w, h, wd, stride, padding, saved),
+            be.conv2d_weight_grad(x, g, kh, kw, stride, padding),
+            be.conv2d_weight_grad(x, g, kh, kw, stride, padding, saved),
+            be.conv2d_weight_grad(x, gs, kh, kw, stride, padding, saved)]
+
+
+def _conv_inputs(seed, geom):
+    n, c, h, wd, f, kh, kw, stride, padding, lead = geom
+    oh, ow = out_size(h, wd, kh, kw, stride, padding)
+    x, w = host_normal(seed, (n, c, h, wd)), host_normal(seed + 1, (f, c, kh, kw))
+    g, gs = host_normal(seed + 2, (n, f, oh, ow)), host_normal(seed + 3, lead + (n, f, oh, ow))
+    return x, w, g, gs
+
+
+@relaxed
+@given(geom=conv_problems(), seed=st.integers(0, 2**31))
+def test_conv_kernels_match_reference(backend, geom, seed):
+    x, w, g, gs = _conv_inputs(seed, geom)
+    n, c, h, wd, f, kh, kw, stride, padding, lead = geom
+    got = [backend.to_numpy(a) for a in _conv_all(backend, *map(backend.asarray, (x, w, g, gs)),
+                                                   geom)]
+    cols = ref_im2col(x, kh, kw, stride, padding)
+    want = [ref_conv(x, w, stride, padding),
+            *[ref_col2im(np.einsum("nfhw,fcij->ncijhw", g, w), h, wd, stride, padding)] * 2,
+            *[np.einsum("nfhw,ncijhw->fcij", g, cols)] * 2,
+            np.einsum("...nfhw,ncijhw->...fcij", gs, cols)]
+    for a, b in zip(got, want, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channel_major"])
+@pytest.mark.parametrize("chunk", [None, 7])  # 7: every image its own chunk
+@pytest.mark.parametrize("dense", [True, False])
+@relaxed
+@given(geom=conv_problems(), seed=st.integers(0, 2**31))
+def test_numpy_conv_paths_equal_generic(monkeypatch, layout, chunk, dense, geom, seed):
+    x, w, g, gs = _conv_inputs(seed, geom)
+    if layout == "channel_major":  # the memory layout conv2d's own outputs have
+        x = np.ascontiguousarray(x.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+        g = np.ascontiguousarray(g.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+    with monkeypatch.context() as m:
+        if chunk is not None:
+            m.setattr(_numpy, "CHUNK", chunk)
+        m.setattr(_numpy, "TOEPLITZ_MAX", 1 << 22 if dense else 0)
+        fast = _conv_all(get_backend("numpy"), x, w, g, gs, geom)
+    generic = _generic.Backend("numpy", get_backend("numpy").xp, np.ndarray)
+    for a, b in zip(fast, _conv_all(generic, x, w, g, gs, geom), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_numpy_conv_paths_are_taken(monkeypatch):
+    """The branches the equality test above compares are really the ones that run."""
+    x, w = host_normal(0, (8, 2, 4, 4)), host_normal(1, (3, 2, 3, 3))
+    assert "toeplitz" in _numpy.conv2d(x, w, (1, 1), (1, 1))[1]
+    monkeypatch.setattr(_numpy, "TOEPLITZ_MAX", 0)
+    assert len(_numpy.conv2d(x, w, (1, 1), (1, 1))[1]["cols"]) == 1
+    monkeypatch.setattr(_numpy, "CHUNK", 7)
+    assert len(_numpy.conv2d(x, w, (1, 1), (1, 1))[1]["cols"]) == 8
+
+
+def test_malloc_tuning_opt_out(monkeypatch):
+    from miniresnet.backends import _malloc
+
+    monkeypatch.setattr(_malloc, "_state", {})
+    monkeypatch.setenv("MINIRESNET_TUNE_MALLOC", "0")
+    assert _malloc.tune() is False
+    monkeypatch.setattr(_malloc, "_state", {})
+    monkeypatch.delenv("MINIRESNET_TUNE_MALLOC")
+    import platform
+
+    assert _malloc.tune() is (platform.libc_ver()[0] == "glibc")
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64", "int64", "bool"])
 def test_im2col_preserves_dtype(backend, dtype):
     x = backend.asarray((np.arange(2 * 3 * 5 * 4).reshape(2, 3, 5, 4) % 3).astype(dtype))

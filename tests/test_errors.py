@@ -38,6 +38,19 @@ def test_conv2d_errors(backend):
         F.conv2d(arr(backend, (2, 2, 5, 5)), w, arr(backend, (3,)))
 
 
+def test_conv_primitive_errors(backend):
+    with pytest.raises(ValueError, match=r"conv: expected x .* with equal C, got shapes "
+                                         r"\(1, 2, 3, 3\) and \(1, 3, 3, 3\)"):
+        mr.conv(arr(backend, (1, 2, 3, 3)), arr(backend, (1, 3, 3, 3)))
+    with pytest.raises(ValueError, match=r"conv_transpose: a cotangent of spatial size \(2, 2\)"
+                                         r" does not match an image of size \(3, 3\)"):
+        mr.conv_transpose(arr(backend, (1, 1, 2, 2)), arr(backend, (1, 1, 3, 3)), 3, 3)
+    with pytest.raises(ValueError, match=r"conv_weight_grad: expected x .* with equal N"):
+        mr.conv_weight_grad(arr(backend, (1, 1, 3, 3)), arr(backend, (2, 1, 1, 1)), 3, 3)
+    with pytest.raises(TypeError, match="conv: operands have different dtypes"):
+        mr.conv(arr(backend, (1, 1, 3, 3)), arr(backend, (1, 1, 3, 3), "float32"))
+
+
 def test_dtype_mismatch_is_not_silently_cast(backend):
     with pytest.raises(TypeError, match="mul: operands have different dtypes"):
         mr.mul(arr(backend, (2,), "float32"), arr(backend, (2,), "float64"))
