@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from miniresnet import ops
 from miniresnet.ops import relu, sigmoid, tanh
-from miniresnet.tracing import Tensor, as_tensor, dtype_name, no_grad
+from miniresnet.tracing import Tensor, as_tensor, dtype_name
 
 __all__ = [
     "conv2d", "batch_norm", "linear", "relu", "tanh", "sigmoid", "avg_pool2d",
@@ -55,14 +55,17 @@ def conv2d(x, weight, bias=None, stride=1, padding=0) -> Tensor:
     return out
 
 
-def _update_running(stat, new) -> None:
-    """Overwrite a running statistic (a Tensor or a backend array) with ``new`` in place."""
+def _update_running(stat, batch, momentum: float) -> None:
+    """``stat = (1 - momentum) stat + momentum batch`` in place, on raw arrays (no tracing);
+    ``stat`` is a Tensor or a backend array."""
+    old = stat.raw if isinstance(stat, Tensor) else stat
+    new = old * (1 - momentum) + batch * momentum
     if isinstance(stat, Tensor):
         if stat._level:
             raise ValueError("batch_norm: running statistics must not require grad")
-        stat._value = new.raw
+        stat._value = new
     else:
-        stat[...] = new.raw
+        stat[...] = new
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: bool = False,
@@ -97,12 +100,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
         stats: dict = {}
         out = ops.standardize(x, axes, eps, cache=stats)  # closed-form derivative rules
         if running_mean is not None and running_var is not None:
-            with no_grad():
-                rm, rv = as_tensor(running_mean), as_tensor(running_var)
-                mean = ops.reshape(as_tensor(stats["mean"]), (-1,))
-                unbiased = ops.reshape(as_tensor(stats["var"]), (-1,)) * (count / (count - 1))
-                _update_running(running_mean, rm * (1 - momentum) + mean * momentum)
-                _update_running(running_var, rv * (1 - momentum) + unbiased * momentum)
+            xp = x.backend.xp
+            _update_running(running_mean, xp.reshape(stats["mean"], (-1,)), momentum)
+            _update_running(running_var, xp.reshape(stats["var"], (-1,)) * (count / (count - 1)),
+                            momentum)
     else:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm: evaluation mode needs running_mean and running_var")

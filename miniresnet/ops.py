@@ -8,6 +8,7 @@ operation and the shapes or dtypes involved.
 from __future__ import annotations
 
 import builtins
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,6 +44,19 @@ def _check_dtypes(name: str, tensors) -> None:
 
 def broadcast_shapes(name: str, *shapes) -> tuple[int, ...]:
     """The shape ``shapes`` broadcast to, or a ValueError naming ``name`` and the shapes."""
+    try:
+        return _broadcast_cached(tuple(shapes))
+    except ValueError:
+        pass
+    return _broadcast(name, shapes)
+
+
+@functools.lru_cache(maxsize=1024)
+def _broadcast_cached(shapes: tuple) -> tuple[int, ...]:
+    return _broadcast("", shapes)
+
+
+def _broadcast(name: str, shapes) -> tuple[int, ...]:
     ndim = builtins.max(len(s) for s in shapes)
     out = []
     for i in range(ndim):
@@ -56,6 +70,16 @@ def broadcast_shapes(name: str, *shapes) -> tuple[int, ...]:
 
 
 def _elementwise(prim, *args):
+    if len(args) == 2:  # fast paths: same shape and dtype, or a Python scalar operand
+        x, y = args
+        if type(x) is Tensor:
+            if type(y) is Tensor:
+                if x.shape == y.shape and x.dtype == y.dtype:
+                    return bind(prim, x, y)
+            elif type(y) in _SCALARS:
+                return bind(prim, x, y)
+        elif type(y) is Tensor and type(x) in _SCALARS:
+            return bind(prim, x, y)
     args = [_operand(a) for a in args]
     if not any(isinstance(a, Tensor) for a in args):  # scalars only: make the first an array
         args[0] = as_tensor(args[0])

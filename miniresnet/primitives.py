@@ -364,7 +364,7 @@ tanh = Primitive("tanh", lambda xp, x: xp.tanh(x),
 sigmoid = Primitive("sigmoid", lambda xp, x: 0.5 * (xp.tanh(0.5 * x) + 1.0),  # overflow-free
     vjp=(lambda g, ans, x: g * (ans * (1.0 - ans)),),
     jvp=(lambda t, ans, x: t * (ans * (1.0 - ans)),))
-relu = Primitive("relu", lambda xp, x: xp.where(x > 0, x, xp.zeros_like(x)),  # d/dx = 0 at 0
+relu = Primitive("relu", lambda xp, x: xp.maximum(x, 0.0),  # d/dx = 0 at 0; relu(nan) = nan
     vjp=(lambda g, ans, x: o.where(o.greater(ans, 0.0), g, 0.0),),
     jvp=(lambda t, ans, x: o.where(o.greater(ans, 0.0), t, 0.0),))
 where = Primitive("where", lambda xp, c, x, y: xp.where(c, x, y),  # c: a boolean constant

@@ -325,18 +325,18 @@ def bind(prim: Primitive, *args, **params) -> Tensor:
 
 
 def _evaluate(prim: Primitive, args, params) -> Tensor:
-    raws, array_type = [], None
+    raws, first, array_type = [], None, None
     for a in args:
         r = a.raw if type(a) is Tensor else a
         if type(r) not in _SCALARS:
             if array_type is None:
-                array_type = type(r)
+                first, array_type = r, type(r)
             elif type(r) is not array_type:
                 raise_mixed_backends(prim, args)
         raws.append(r)
     if array_type is None:
         raise TypeError(f"{prim.name}: needs at least one array argument, got {args!r}")
-    xp = backend_of(raws[next(i for i, r in enumerate(raws) if type(r) is array_type)]).xp
+    xp = backend_of(first).xp
     out = prim.impl(xp, *raws, **params)
     if type(out) is not array_type:  # NumPy turns 0-d results into scalars
         out = xp.asarray(out)
