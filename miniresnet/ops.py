@@ -571,6 +571,48 @@ def inv_std(x, axis, eps: float = 1e-5, *, cache: dict | None = None) -> Tensor:
     return bind(P.inv_std, x, axis=axis, eps=float(eps), cache={} if cache is None else cache)
 
 
+def _channel_param(name: str, what: str, p, x: Tensor, axis) -> Tensor:
+    p = as_tensor(p)
+    want = tuple(1 if i in axis else d for i, d in enumerate(x.shape))
+    if p.shape != want:
+        raise ValueError(
+            f"{name}: {what} must have shape {want} (one value per channel of x {x.shape}), got "
+            f"{p.shape}"
+        )
+    return p
+
+
+def standardize_affine(x, weight, bias, axis, eps: float = 1e-5, *,
+                       cache: dict | None = None) -> Tensor:
+    """``standardize(x, axis, eps) * weight + bias`` as one primitive (batch norm in training
+    mode); ``weight`` and ``bias`` have ``x``'s shape with 1 on the ``axis`` axes. ``cache`` as
+    in :func:`standardize`."""
+    x = as_tensor(x)
+    pos = _axes("standardize_affine", axis, x.ndim)
+    weight = _channel_param("standardize_affine", "weight", weight, x, pos)
+    bias = _channel_param("standardize_affine", "bias", bias, x, pos)
+    _check_dtypes("standardize_affine", (x, weight, bias))
+    return bind(P.standardize_affine, x, weight, bias, axis=tuple(a - x.ndim for a in pos),
+                eps=float(eps), cache={} if cache is None else cache)
+
+
+def standardize_affine_grad(g, x, weight, axis, eps: float = 1e-5, *,
+                            cache: dict | None = None) -> Tensor:
+    """The derivative of :func:`standardize_affine` in ``x`` applied to ``g`` (its VJP and its
+    JVP: the Jacobian is symmetric), ``weight * inv_std(x) * (g - mean(g) - x^ mean(g x^))``
+    with ``x^ = standardize(x)``; ``g`` may carry leading batch axes."""
+    g, x = as_tensor(g), as_tensor(x)
+    pos = _axes("standardize_affine_grad", axis, x.ndim)
+    weight = _channel_param("standardize_affine_grad", "weight", weight, x, pos)
+    if g.shape[g.ndim - x.ndim:] != x.shape:
+        raise ValueError(
+            f"standardize_affine_grad: g of shape {g.shape} must end with x's shape {x.shape}"
+        )
+    _check_dtypes("standardize_affine_grad", (g, x, weight))
+    return bind(P.standardize_affine_grad, g, x, weight, axis=tuple(a - x.ndim for a in pos),
+                eps=float(eps), cache={} if cache is None else cache)
+
+
 # -- Tensor operators and methods -----------------------------------------------------------------
 def _reflect(fn):
     return lambda self, other: fn(other, self)
@@ -609,5 +651,6 @@ __all__ = [
     "log_softmax", "softmax", "reshape", "transpose", "matrix_transpose", "broadcast_to",
     "getitem", "untake", "pad", "concat", "stack", "matmul", "tensordot", "im2col", "col2im",
     "conv", "conv_transpose", "conv_weight_grad", "standardize", "inv_std",
+    "standardize_affine", "standardize_affine_grad",
     "broadcast_shapes", "conv_output_size",
 ]

@@ -311,6 +311,57 @@ def _inv_std_jvp(t, ans, x, axis, eps, cache):
     return -(ans * ans) * o.mean(t * o.standardize(x, axis, eps, cache=cache), axis, keepdims=True)
 
 
+# standardize_affine(x, w, b) = standardize(x) * w + b (w, b: per channel, broadcastable) is
+# batch norm in training mode as one primitive. Its Jacobian in x is w * J_standardize, which
+# is symmetric, so the VJP and the JVP in x are the same map, standardize_affine_grad(g, x, w) =
+# w inv (g - mean(g) - x^ mean(g x^)), a primitive whose NumPy-friendly forward makes few
+# passes. That map's own derivatives: linear in g and in w (closed form); in x, the derivative
+# of the composed expression (:func:`_affine_grad_composed`), taken by a nested transform.
+
+
+def _standardize_affine_impl(xp, x, w, b, axis, eps, cache):
+    out = _standardize_stats(xp, x, axis, eps, cache)["xhat"] * w
+    out += b
+    return out
+
+
+def _standardize_affine_grad_impl(xp, g, x, w, axis, eps, cache):
+    stats = _standardize_stats(xp, x, axis, eps, cache)
+    xhat, k = stats["xhat"], w * stats["inv"]
+    m1 = xp.mean(g, axis=axis, keepdims=True)
+    m2 = xp.mean(g * xhat, axis=axis, keepdims=True)
+    out = g * k
+    out -= xhat * (k * m2)
+    out -= k * m1
+    return out
+
+
+def _affine_grad_composed(g, x, w, axis, eps, cache):
+    """standardize_affine_grad written with other primitives (differentiable in x)."""
+    xhat = o.standardize(x, axis, eps, cache=cache)
+    return (w * o.inv_std(x, axis, eps, cache=cache)) * (
+        g - o.mean(g, axis, keepdims=True) - xhat * o.mean(g * xhat, axis, keepdims=True))
+
+
+def _affine_grad_vjp_x(h, ans, g, x, w, axis, eps, cache):
+    from miniresnet.transforms import vjp
+
+    _, pull = vjp(lambda xx: _affine_grad_composed(g, xx, w, axis, eps, cache), x)
+    return tracing.as_tensor(pull(h)[0])
+
+
+def _affine_grad_jvp_x(t, ans, g, x, w, axis, eps, cache):
+    from miniresnet.transforms import jvp
+
+    return tracing.as_tensor(
+        jvp(lambda xx: _affine_grad_composed(g, xx, w, axis, eps, cache), (x,), (t,))[1])
+
+
+def _affine_grad_vjp_w(h, ans, g, x, w, axis, eps, cache):
+    unit = o.standardize_affine_grad(g, x, o.ones_like(w), axis, eps, cache=cache)
+    return _unbroadcast(h * unit, w.shape, ans.shape)
+
+
 def _im2col_vjp(g, ans, x, kh, kw, stride, padding):
     return o.col2im(g, x.shape[-2], x.shape[-1], stride, padding)
 
@@ -452,6 +503,26 @@ inv_std = Primitive("inv_std",
     lambda xp, x, axis, eps, cache: _standardize_stats(xp, x, axis, eps, cache)["inv"],
     vjp=(_inv_std_vjp,),
     jvp=(_inv_std_jvp,))
+standardize_affine = Primitive("standardize_affine", _standardize_affine_impl,
+    vjp=(lambda g, ans, x, w, b, axis, eps, cache:
+             o.standardize_affine_grad(g, x, w, axis, eps, cache=cache),
+         lambda g, ans, x, w, b, axis, eps, cache: _unbroadcast(
+             g * o.standardize(x, axis, eps, cache=cache), w.shape, ans.shape),
+         lambda g, ans, x, w, b, axis, eps, cache: _unbroadcast(g, b.shape, ans.shape)),
+    jvp=(lambda t, ans, x, w, b, axis, eps, cache:
+             o.standardize_affine_grad(t, x, w, axis, eps, cache=cache),
+         lambda t, ans, x, w, b, axis, eps, cache: t * o.standardize(x, axis, eps, cache=cache),
+         lambda t, ans, x, w, b, axis, eps, cache: o.broadcast_to(t, ans.shape)))
+standardize_affine_grad = Primitive("standardize_affine_grad", _standardize_affine_grad_impl,
+    vjp=(lambda h, ans, g, x, w, axis, eps, cache:
+             o.standardize_affine_grad(h, x, w, axis, eps, cache=cache),
+         _affine_grad_vjp_x,
+         _affine_grad_vjp_w),
+    jvp=(lambda t, ans, g, x, w, axis, eps, cache:
+             o.standardize_affine_grad(t, x, w, axis, eps, cache=cache),
+         _affine_grad_jvp_x,
+         lambda t, ans, g, x, w, axis, eps, cache:
+             o.standardize_affine_grad(g, x, t, axis, eps, cache=cache)))
 # fmt: on
 
 tracing._ADD = add
@@ -461,5 +532,5 @@ PRIMITIVES = {
     for p in (add, sub, mul, div, neg, power, exp, log, sqrt, tanh, sigmoid, relu, where, astype,
               sum_, max_, logsumexp, reshape, transpose, broadcast_to, getitem, untake, pad,
               concat, matmul, tensordot, im2col, col2im, conv, conv_transpose, conv_weight_grad,
-              standardize, inv_std)
+              standardize, inv_std, standardize_affine, standardize_affine_grad)
 }
