@@ -144,8 +144,10 @@ def _patches(x: np.ndarray, kh: int, kw: int, stride: Sequence[int], padding: Se
     return cols
 
 
-def _conv(x: np.ndarray, w: np.ndarray, stride: Sequence[int], padding: Sequence[int]
-          ) -> tuple[np.ndarray, list[np.ndarray]]:
+def _conv(x: np.ndarray, w: np.ndarray, stride: Sequence[int], padding: Sequence[int],
+          keep: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(output, patch chunks); with ``keep=False`` no chunk is kept, so that each one's memory
+    is reused (still in cache) by the next."""
     f, c, kh, kw = w.shape
     n, _, h, wd = x.shape
     oh, ow = conv_output_size(h, wd, kh, kw, stride, padding)[:2]
@@ -155,8 +157,10 @@ def _conv(x: np.ndarray, w: np.ndarray, stride: Sequence[int], padding: Sequence
     out = None
     for a, b in ranges:
         cols = _patches(x[a:b], kh, kw, stride, padding).reshape(c * kh * kw, -1)
-        saved.append(cols)
+        if keep:
+            saved.append(cols)
         part = w2 @ cols
+        del cols
         if len(ranges) == 1:
             out = part
         else:
@@ -241,7 +245,7 @@ def conv2d_input_grad(g: Any, w: Any, height: int, width: int,
         return (g.reshape(n, f * oh * ow) @ t.T).reshape(n, c, height, width)
     if (sh, sw) == (1, 1) and ph < kh and pw < kw:
         flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        return _conv(g, flipped, (1, 1), (kh - 1 - ph, kw - 1 - pw))[0]
+        return _conv(g, flipped, (1, 1), (kh - 1 - ph, kw - 1 - pw), keep=False)[0]
     gt = g.transpose(1, 0, 2, 3).reshape(f, n * oh * ow)
     cols = (w.reshape(f, c * kh * kw).T @ gt).reshape(c, kh, kw, n, oh, ow)
     return col2im(cols.transpose(3, 0, 1, 2, 4, 5), height, width, stride, padding)
