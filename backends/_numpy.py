@@ -131,6 +131,8 @@ def _patches(x: np.ndarray, kh: int, kw: int, stride: Sequence[int], padding: Se
     n, c, h, w = _check_image(x)
     oh, ow, sh, sw, ph, pw = conv_output_size(h, w, kh, kw, stride, padding)
     xt = x.transpose(1, 0, 2, 3)
+    if (sh, sw) == (1, 1) and ow <= 8:  # short rows: see _patches_stride1
+        return _patches_stride1(xt, kh, kw, oh, ow, ph, pw)
     if ph or pw:
         xpad = np.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
         xpad[:, :, ph : ph + h, pw : pw + w] = xt
@@ -141,6 +143,30 @@ def _patches(x: np.ndarray, kh: int, kw: int, stride: Sequence[int], padding: Se
     for i in range(kh):
         for j in range(kw):
             cols[:, i, j] = xpad[:, :, i : i + h_span : sh, j : j + w_span : sw]
+    return cols
+
+
+def _patches_stride1(xt: np.ndarray, kh: int, kw: int, oh: int, ow: int, ph: int, pw: int
+                     ) -> np.ndarray:
+    """:func:`_patches` for stride 1, from channel-major images ``xt`` (C, N, H, W).
+
+    For each column offset j, one copy makes the zero-padded (C, N, H + 2 ph, OW) image shifted
+    by j; every row offset i is then a contiguous (OH, OW) block of it per image, so the kh * kw
+    patch copies move long contiguous runs instead of rows of OW elements.
+    """
+    c, n, h, w = xt.shape
+    cols = np.empty((c, kh, kw, n, oh, ow), dtype=xt.dtype)
+    shifted = np.empty((c, n, h + 2 * ph, ow), dtype=xt.dtype)
+    for j in range(kw):
+        lo, hi = max(0, pw - j), min(ow, w + pw - j)  # output columns that read the image
+        shifted[:, :, :ph] = 0
+        shifted[:, :, ph + h :] = 0
+        shifted[:, :, ph : ph + h, :lo] = 0
+        shifted[:, :, ph : ph + h, max(lo, hi) :] = 0
+        if hi > lo:
+            shifted[:, :, ph : ph + h, lo:hi] = xt[:, :, :, lo + j - pw : hi + j - pw]
+        for i in range(kh):
+            cols[:, i, j] = shifted[:, :, i : i + oh]
     return cols
 
 

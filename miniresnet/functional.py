@@ -111,9 +111,15 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
     else:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm: evaluation mode needs running_mean and running_var")
-        centred = x - ops.reshape(as_tensor(running_mean), shape)
-        out = centred / ops.sqrt(ops.reshape(as_tensor(running_var), shape) + eps)
-    if training and weight is not None and bias is not None:
+        # one scale and one shift per channel: a single pass over x (and over a cotangent)
+        scale = 1.0 / ops.sqrt(as_tensor(running_var) + eps)
+        if weight is not None:
+            scale = scale * weight
+        shift = -(as_tensor(running_mean) * scale)
+        if bias is not None:
+            shift = shift + bias
+        return x * ops.reshape(scale, shape) + ops.reshape(shift, shape)
+    if weight is not None and bias is not None:
         return out
     if weight is not None:
         out = out * ops.reshape(weight, shape)

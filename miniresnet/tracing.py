@@ -431,6 +431,7 @@ def backward_pass(root: Node, g: Tensor, order: list[Node] | None = None, free: 
                 cts[parent] = contribution if old is None else bind(_ADD, old, contribution)
             if free:
                 node.args = node.out = node.params = None
+                node.parents = ()
     finally:
         _state["backward_op"] = previous
     return leaves

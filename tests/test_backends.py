@@ -242,6 +242,20 @@ def test_numpy_conv_paths_are_taken(monkeypatch):
     assert len(_numpy.conv2d(x, w, (1, 1), (1, 1))[1]["cols"]) == 8
 
 
+@pytest.mark.parametrize("geom", [
+    (2, 3, 5, 12, 4, 3, 3, (1, 1), (1, 1), (2,)),  # stride 1, rows longer than 8: row copies
+    (2, 3, 5, 7, 4, 3, 2, (1, 1), (2, 0), (2,)),  # stride 1, short rows: shifted-image copies
+    (2, 3, 9, 10, 4, 3, 3, (2, 1), (1, 1), ()),  # strided
+])
+def test_numpy_patch_paths_equal_generic(monkeypatch, geom):
+    x, w, g, gs = _conv_inputs(7, geom)
+    monkeypatch.setattr(_numpy, "TOEPLITZ_MAX", 0)
+    generic = _generic.Backend("numpy", get_backend("numpy").xp, np.ndarray)
+    for a, b in zip(_conv_all(get_backend("numpy"), x, w, g, gs, geom),
+                    _conv_all(generic, x, w, g, gs, geom), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_malloc_tuning_opt_out(monkeypatch):
     from miniresnet.backends import _malloc
 
