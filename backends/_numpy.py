@@ -197,14 +197,25 @@ def _conv(x: np.ndarray, w: np.ndarray, stride: Sequence[int], padding: Sequence
     return out.reshape(f, n, oh, ow).transpose(1, 0, 2, 3), saved
 
 
-# On small images (H W <= 2 kh kw) a convolution is cheaper as one product with its dense
-# (C H W, F OH OW) matrix than through patches: the matrix is small, the GEMM is large and no
-# patch copies are made. The matrix is built from the filters and a cached 0/1 placement array.
-TOEPLITZ_MAX = 1 << 22  # largest dense matrix (elements) worth building
+# A convolution is also one product with its dense (C H W, F OH OW) matrix, built from the
+# filters and a cached 0/1 placement array. That does H W / (kh kw) times the arithmetic of the
+# patch GEMM but copies no patches, and patch copies cost as much as a few dozen multiply-adds
+# per element: on small images (and for large stacks of cotangents, which amortise building the
+# matrix) it is the cheaper way. :func:`_dense_cheaper` picks with a rough cost model whose two
+# constants are this kind of machine's seconds per copied patch element and per flop (the
+# crossovers it gives matched measurements within ~20%).
+TOEPLITZ_MAX = 1 << 22  # largest dense matrix (elements) ever built
+COPY_S, FLOP_S = 2.5e-9, 1e-11
 
 
-def _toeplitz_ok(c: int, h: int, w: int, f: int, kh: int, kw: int, oh: int, ow: int) -> bool:
-    return h * w <= 2 * kh * kw and c * h * w * f * oh * ow <= TOEPLITZ_MAX
+def _dense_cheaper(n: int, c: int, h: int, w: int, f: int, kh: int, kw: int, oh: int, ow: int,
+                   build: bool = True) -> bool:
+    size = c * h * w * f * oh * ow
+    if size > TOEPLITZ_MAX:
+        return False
+    dense = 2 * n * size * FLOP_S + (size * COPY_S + 2 * size * kh * kw * FLOP_S if build else 0)
+    patches = n * c * kh * kw * oh * ow * (COPY_S + 2 * f * FLOP_S)
+    return dense < patches
 
 
 @functools.lru_cache(maxsize=64)
@@ -249,7 +260,7 @@ def conv2d(x: Any, w: Any, stride: Sequence[int] = (1, 1), padding: Sequence[int
     with the patch chunks or the dense matrix)."""
     x, w = np.asarray(x), np.asarray(w)
     n, c, h, wd, f, kh, kw, oh, ow = _geometry(x.shape, w.shape, stride, padding)
-    if _toeplitz_ok(c, h, wd, f, kh, kw, oh, ow):
+    if _dense_cheaper(n, c, h, wd, f, kh, kw, oh, ow):
         t = _toeplitz(w, h, wd, stride, padding)
         x2 = x.reshape(n, c * h * wd)
         return (x2 @ t).reshape(n, f, oh, ow), {"toeplitz": t, "x2": x2}
@@ -265,9 +276,10 @@ def conv2d_input_grad(g: Any, w: Any, height: int, width: int,
     n, f, oh, ow = g.shape
     c, kh, kw = w.shape[1:]
     _, _, sh, sw, ph, pw = conv_output_size(height, width, kh, kw, stride, padding)
-    if _toeplitz_ok(c, height, width, f, kh, kw, oh, ow):
-        t = saved["toeplitz"] if saved and "toeplitz" in saved else _toeplitz(
-            w, height, width, stride, padding)
+    t = saved.get("toeplitz") if saved else None
+    if t is not None or _dense_cheaper(n, c, height, width, f, kh, kw, oh, ow):
+        if t is None:
+            t = _toeplitz(w, height, width, stride, padding)
         return (g.reshape(n, f * oh * ow) @ t.T).reshape(n, c, height, width)
     if (sh, sw) == (1, 1) and ph < kh and pw < kw:
         flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
@@ -284,8 +296,9 @@ def conv2d_weight_grad(x: Any, g: Any, kh: int, kw: int, stride: Sequence[int] =
     g = np.asarray(g)
     n, c, h, wd = np.shape(x)
     lead, f, oh, ow = g.shape[:-4], g.shape[-3], g.shape[-2], g.shape[-1]
-    if _toeplitz_ok(c, h, wd, f, kh, kw, oh, ow):
-        x2 = saved["x2"] if saved and "x2" in saved else np.asarray(x).reshape(n, c * h * wd)
+    dense = "x2" in saved if saved else _dense_cheaper(n, c, h, wd, f, kh, kw, oh, ow, False)
+    if dense:
+        x2 = saved["x2"] if saved else np.asarray(x).reshape(n, c * h * wd)
         dt = np.matmul(x2.T, g.reshape(*lead, n, f * oh * ow))  # (*B, C H W, F OH OW)
         dt = np.moveaxis(dt.reshape(*lead, c, h * wd, f, oh * ow), -2, -4)  # (*B, F, C, HW, L)
         s = _placement(h, wd, kh, kw, tuple(stride), tuple(padding)).astype(g.dtype, copy=False)

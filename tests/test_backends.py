@@ -224,7 +224,7 @@ def test_numpy_conv_paths_equal_generic(monkeypatch, layout, chunk, dense, geom,
     with monkeypatch.context() as m:
         if chunk is not None:
             m.setattr(_numpy, "CHUNK", chunk)
-        m.setattr(_numpy, "TOEPLITZ_MAX", 1 << 22 if dense else 0)
+        m.setattr(_numpy, "_dense_cheaper", lambda *args, **kw: dense)
         fast = _conv_all(get_backend("numpy"), x, w, g, gs, geom)
     generic = _generic.Backend("numpy", get_backend("numpy").xp, np.ndarray)
     for a, b in zip(fast, _conv_all(generic, x, w, g, gs, geom), strict=True):
@@ -235,7 +235,10 @@ def test_numpy_conv_paths_equal_generic(monkeypatch, layout, chunk, dense, geom,
 def test_numpy_conv_paths_are_taken(monkeypatch):
     """The branches the equality test above compares are really the ones that run."""
     x, w = host_normal(0, (8, 2, 4, 4)), host_normal(1, (3, 2, 3, 3))
-    assert "toeplitz" in _numpy.conv2d(x, w, (1, 1), (1, 1))[1]
+    assert "toeplitz" in _numpy.conv2d(x, w, (1, 1), (1, 1))[1]  # small images: dense
+    assert "cols" in _numpy.conv2d(host_normal(0, (8, 2, 16, 16)), w, (1, 1), (1, 1))[1]
+    assert _numpy._dense_cheaper(1024, 16, 8, 8, 16, 3, 3, 8, 8)  # a stack of cotangents
+    assert not _numpy._dense_cheaper(128, 16, 8, 8, 16, 3, 3, 8, 8)
     monkeypatch.setattr(_numpy, "TOEPLITZ_MAX", 0)
     assert len(_numpy.conv2d(x, w, (1, 1), (1, 1))[1]["cols"]) == 1
     monkeypatch.setattr(_numpy, "CHUNK", 7)
@@ -249,7 +252,7 @@ def test_numpy_conv_paths_are_taken(monkeypatch):
 ])
 def test_numpy_patch_paths_equal_generic(monkeypatch, geom):
     x, w, g, gs = _conv_inputs(7, geom)
-    monkeypatch.setattr(_numpy, "TOEPLITZ_MAX", 0)
+    monkeypatch.setattr(_numpy, "_dense_cheaper", lambda *args, **kw: False)
     generic = _generic.Backend("numpy", get_backend("numpy").xp, np.ndarray)
     for a, b in zip(_conv_all(get_backend("numpy"), x, w, g, gs, geom),
                     _conv_all(generic, x, w, g, gs, geom), strict=True):
