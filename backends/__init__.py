@@ -2,13 +2,13 @@
 
 The engine computes with the array API standard namespace ``backend.xp`` only; everything that
 depends on a particular library lives here: turning host data into arrays and back, random
-numbers, the strided im2col / col2im pair that conv2d is built on, availability checks and
-device synchronisation.
+numbers, the convolution kernels (conv2d and its two adjoints, im2col / col2im), availability
+checks and device synchronisation.
 
 Backends (see :data:`BACKEND_NAMES`):
 
 ``"numpy"``
-    ``array_api_compat.numpy``; always available; fast strided im2col / col2im.
+    ``array_api_compat.numpy``; always available; fast conv kernels (see ``_numpy``).
 ``"array_api_strict"``
     ``array_api_strict``, the reference namespace (``pip install array-api-strict``).
 ``"cupy"``

@@ -5,7 +5,8 @@ and ``cupy.cuda.runtime.getDeviceCount()`` reports at least one device. Nothing 
 GPU before :func:`make_backend` is called on a machine where :func:`check_available` is true.
 
 im2col uses the array-API-only implementation (kh * kw strided slice copies and one stack);
-col2im uses the same in-place strided ``+=`` routine as the NumPy backend with ``cupy.zeros``.
+col2im uses the same in-place strided ``+=`` routine as the NumPy backend with ``cupy.zeros``;
+conv2d and its adjoints are the generic ones built on these two and ``tensordot``.
 Random numbers are drawn on the host (see :class:`._generic.Rng`) and copied to the device, so
 they match the other backends bit for bit.
 """

@@ -585,5 +585,12 @@ def test_cupy_backend_glue_with_numpy_standing_in():
     np.testing.assert_allclose(
         be.col2im(y, 5, 4, (2, 1), (1, 1)), ref_col2im(y, 5, 4, (2, 1), (1, 1)), rtol=1e-13
     )
+    # the generic conv kernels, as CuPy runs them (through its im2col / col2im)
+    geom = (2, 3, 5, 4, 2, 3, 2, (2, 1), (1, 1), (2,))
+    x, w, g, gs = _conv_inputs(3, geom)
+    generic = _generic.Backend("numpy", get_backend("numpy").xp, np.ndarray)
+    for a, b in zip(_conv_all(be, x, w, g, gs, geom), _conv_all(generic, x, w, g, gs, geom),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
     be.synchronize()
     assert synced == [True]
