@@ -90,25 +90,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
                 f"batch_norm: {name} has shape {tuple(p.shape)}, expected ({x.shape[1]},) for "
                 f"input of shape {x.shape}"
             )
-    if training:
-        count = x.size // x.shape[1]
-        if count <= 1:
-            raise ValueError(
-                f"batch_norm: expected more than 1 value per channel when training, got input "
-                f"of shape {x.shape}"
-            )
-        stats: dict = {}
-        if weight is not None and bias is not None:  # one primitive, closed-form rules
-            out = ops.standardize_affine(x, ops.reshape(weight, shape), ops.reshape(bias, shape),
-                                         axes, eps, cache=stats)
-        else:
-            out = ops.standardize(x, axes, eps, cache=stats)
-        if running_mean is not None and running_var is not None:
-            xp = x.backend.xp
-            _update_running(running_mean, xp.reshape(stats["mean"], (-1,)), momentum)
-            _update_running(running_var, xp.reshape(stats["var"], (-1,)) * (count / (count - 1)),
-                            momentum)
-    else:
+    if not training:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm: evaluation mode needs running_mean and running_var")
         # one scale and one shift per channel: a single pass over x (and over a cotangent)
@@ -119,12 +101,27 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
         if bias is not None:
             shift = shift + bias
         return x * ops.reshape(scale, shape) + ops.reshape(shift, shape)
-    if weight is not None and bias is not None:
-        return out
-    if weight is not None:
-        out = out * ops.reshape(weight, shape)
-    if bias is not None:
-        out = out + ops.reshape(bias, shape)
+    count = x.size // x.shape[1]
+    if count <= 1:
+        raise ValueError(
+            f"batch_norm: expected more than 1 value per channel when training, got input "
+            f"of shape {x.shape}"
+        )
+    stats: dict = {}
+    if weight is not None and bias is not None:  # one primitive, closed-form rules
+        out = ops.standardize_affine(x, ops.reshape(weight, shape), ops.reshape(bias, shape),
+                                     axes, eps, cache=stats)
+    else:
+        out = ops.standardize(x, axes, eps, cache=stats)
+        if weight is not None:
+            out = out * ops.reshape(weight, shape)
+        if bias is not None:
+            out = out + ops.reshape(bias, shape)
+    if running_mean is not None and running_var is not None:
+        xp = x.backend.xp
+        _update_running(running_mean, xp.reshape(stats["mean"], (-1,)), momentum)
+        _update_running(running_var, xp.reshape(stats["var"], (-1,)) * (count / (count - 1)),
+                        momentum)
     return out
 
 
