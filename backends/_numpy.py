@@ -197,6 +197,42 @@ def _conv(x: np.ndarray, w: np.ndarray, stride: Sequence[int], padding: Sequence
     return out.reshape(f, n, oh, ow).transpose(1, 0, 2, 3), saved
 
 
+def _conv_rows(x: np.ndarray, w: np.ndarray, ph: int, pw: int) -> np.ndarray:
+    """Stride-1 conv2d that copies the input kw times instead of kh * kw times.
+
+    Per chunk of images, ``rows[(c, j), (n, y, o)] = xpad[c, n, y, o + j]`` (the padded images
+    shifted by each column offset j, flattened over (n, y, o) with every row OW wide). Shifting
+    that flat axis by ``i * OW`` gives row offset i, so the output is the sum over i of kh GEMMs
+    with strided views of one buffer; rows y >= OH of each image are computed and dropped. Used
+    for the input gradient, where no patches need to be kept for a filter gradient.
+    """
+    f, c, kh, kw = w.shape
+    n, _, h, wd = x.shape
+    hp, oh, ow = h + 2 * ph, h + 2 * ph - kh + 1, wd + 2 * pw - kw + 1
+    xt = x.transpose(1, 0, 2, 3)
+    taps = [np.ascontiguousarray(w[:, :, i, :]).reshape(f, c * kw) for i in range(kh)]
+    ranges = _chunks(n, c * kw * hp * ow)
+    out = np.empty((f, n, oh, ow), dtype=np.result_type(x, w)) if len(ranges) > 1 else None
+    for a, b in ranges:
+        size = (b - a) * hp * ow
+        buf = np.zeros((c, kw, size + (kh - 1) * ow), dtype=x.dtype)
+        shifted = buf[:, :, :size].reshape(c, kw, b - a, hp, ow)
+        for j in range(kw):
+            lo, hi = max(0, pw - j), min(ow, wd + pw - j)  # output columns inside the image
+            if hi > lo:
+                shifted[:, j, :, ph : ph + h, lo:hi] = xt[:, a:b, :, lo + j - pw : hi + j - pw]
+        flat = buf.reshape(c * kw, -1)
+        acc = taps[0] @ flat[:, :size]
+        for i in range(1, kh):
+            acc += taps[i] @ flat[:, i * ow : i * ow + size]
+        part = acc.reshape(f, b - a, hp, ow)[:, :, :oh]
+        if out is None:
+            return part.transpose(1, 0, 2, 3)
+        out[:, a:b] = part
+    assert out is not None
+    return out.transpose(1, 0, 2, 3)
+
+
 # A convolution is also one product with its dense (C H W, F OH OW) matrix, built from the
 # filters and a cached 0/1 placement array. That does H W / (kh kw) times the arithmetic of the
 # patch GEMM but copies no patches, and patch copies cost as much as a few dozen multiply-adds
@@ -283,7 +319,7 @@ def conv2d_input_grad(g: Any, w: Any, height: int, width: int,
         return (g.reshape(n, f * oh * ow) @ t.T).reshape(n, c, height, width)
     if (sh, sw) == (1, 1) and ph < kh and pw < kw:
         flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        return _conv(g, flipped, (1, 1), (kh - 1 - ph, kw - 1 - pw), keep=False)[0]
+        return _conv_rows(g, flipped, kh - 1 - ph, kw - 1 - pw)
     gt = g.transpose(1, 0, 2, 3).reshape(f, n * oh * ow)
     cols = (w.reshape(f, c * kh * kw).T @ gt).reshape(c, kh, kw, n, oh, ow)
     return col2im(cols.transpose(3, 0, 1, 2, 4, 5), height, width, stride, padding)
