@@ -445,15 +445,16 @@ class Backend:
     # skip recomputing what the forward computed.
 
     def conv2d(self, x: Any, w: Any, stride: tuple[int, int] = (1, 1),
-               padding: tuple[int, int] = (0, 0)) -> tuple[Any, Any]:
+               padding: tuple[int, int] = (0, 0), keep: bool = True) -> tuple[Any, Any]:
         """Cross-correlate (N, C, H, W) images with (F, C, kh, kw) filters.
 
         Returns ``(out, saved)``: the (N, F, OH, OW) result and the patches for
-        :meth:`conv2d_weight_grad`.
+        :meth:`conv2d_weight_grad` (``None`` with ``keep=False``, when no filter gradient will
+        be asked for, which lets a backend use a kernel that makes no patches).
         """
         cols = self.im2col(x, w.shape[2], w.shape[3], stride, padding)
         out = self.xp.tensordot(cols, w, axes=([1, 2, 3], [1, 2, 3]))  # N, OH, OW, F
-        return self.xp.permute_dims(out, (0, 3, 1, 2)), cols
+        return self.xp.permute_dims(out, (0, 3, 1, 2)), cols if keep else None
 
     def conv2d_input_grad(self, g: Any, w: Any, height: int, width: int,
                           stride: tuple[int, int] = (1, 1),

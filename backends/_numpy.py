@@ -204,7 +204,8 @@ def _conv_rows(x: np.ndarray, w: np.ndarray, ph: int, pw: int) -> np.ndarray:
     shifted by each column offset j, flattened over (n, y, o) with every row OW wide). Shifting
     that flat axis by ``i * OW`` gives row offset i, so the output is the sum over i of kh GEMMs
     with strided views of one buffer; rows y >= OH of each image are computed and dropped. Used
-    for the input gradient, where no patches need to be kept for a filter gradient.
+    wherever no patches need to be kept for a filter gradient (the input gradient, and
+    convolutions whose filters are not being differentiated).
     """
     f, c, kh, kw = w.shape
     n, _, h, wd = x.shape
@@ -290,8 +291,8 @@ def _geometry(x_shape, w_shape, stride, padding):
     return n, c, h, wd, f, kh, kw, oh, ow
 
 
-def conv2d(x: Any, w: Any, stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0)
-           ) -> tuple[np.ndarray, dict]:
+def conv2d(x: Any, w: Any, stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
+           keep: bool = True) -> tuple[np.ndarray, dict | None]:
     """Fast NumPy conv2d; same contract as :meth:`._generic.Backend.conv2d` (``saved`` is a dict
     with the patch chunks or the dense matrix)."""
     x, w = np.asarray(x), np.asarray(w)
@@ -299,9 +300,11 @@ def conv2d(x: Any, w: Any, stride: Sequence[int] = (1, 1), padding: Sequence[int
     if _dense_cheaper(n, c, h, wd, f, kh, kw, oh, ow):
         t = _toeplitz(w, h, wd, stride, padding)
         x2 = x.reshape(n, c * h * wd)
-        return (x2 @ t).reshape(n, f, oh, ow), {"toeplitz": t, "x2": x2}
-    out, cols = _conv(x, w, stride, padding)
-    return out, {"cols": cols}
+        return (x2 @ t).reshape(n, f, oh, ow), {"toeplitz": t, "x2": x2} if keep else None
+    if not keep and tuple(stride) == (1, 1):
+        return _conv_rows(x, w, *padding), None
+    out, cols = _conv(x, w, stride, padding, keep)
+    return out, {"cols": cols} if keep else None
 
 
 def conv2d_input_grad(g: Any, w: Any, height: int, width: int,
@@ -366,8 +369,8 @@ class NumpyBackend(Backend):
                          col2im_impl=lambda cols, *geometry: col2im(np.asarray(cols), *geometry))
 
     def conv2d(self, x: Any, w: Any, stride: tuple[int, int] = (1, 1),
-               padding: tuple[int, int] = (0, 0)) -> tuple[Any, Any]:
-        return conv2d(x, w, stride, padding)
+               padding: tuple[int, int] = (0, 0), keep: bool = True) -> tuple[Any, Any]:
+        return conv2d(x, w, stride, padding, keep)
 
     def conv2d_input_grad(self, g: Any, w: Any, height: int, width: int,
                           stride: tuple[int, int] = (1, 1),

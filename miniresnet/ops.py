@@ -14,7 +14,15 @@ from collections.abc import Sequence
 import numpy as np
 
 from miniresnet import primitives as P
-from miniresnet.tracing import Tensor, as_tensor, bind, dtype_name, make, raise_mixed_backends
+from miniresnet.tracing import (
+    Tensor,
+    as_tensor,
+    bind,
+    dtype_name,
+    is_recorded,
+    make,
+    raise_mixed_backends,
+)
 
 _SCALARS = (bool, int, float)
 
@@ -519,8 +527,9 @@ def conv(x, w, stride=1, padding=0, *, cache: dict | None = None) -> Tensor:
     x, w = _conv_operands("conv", x, w, (-3, -3),
                           "x (..., N, C, H, W) and w (..., F, C, kh, kw) with equal C")
     stride, padding = _conv_geometry("conv", x.shape[-2:], w.shape[-2:], stride, padding)
-    return bind(P.conv, x, w, stride=stride, padding=padding,
-                cache={} if cache is None else cache)
+    if cache is None and is_recorded(w):  # a filter gradient may be asked for: keep patches
+        cache = {}
+    return bind(P.conv, x, w, stride=stride, padding=padding, cache=cache)
 
 
 def conv_transpose(g, w, height: int, width: int, stride=1, padding=0, *,

@@ -189,6 +189,7 @@ def _col2im_impl(xp, cols, height, width, stride, padding):
 # ``cache`` is a dict shared by the nodes that one conv's derivatives create: conv stores what
 # its kernel saved (patches, or a dense matrix) with its input and filter arrays there, and the
 # adjoints reuse it when called on the same arrays (checked by identity) instead of recomputing.
+# conv with ``cache=None`` (its filters are not being differentiated) saves nothing.
 
 
 def _shape_of(xp, a, lead, core):
@@ -211,7 +212,7 @@ def _conv_impl(xp, x, w, stride, padding, cache):
     if w.ndim > 4:  # a stack of filters (higher-order derivatives with stacked cotangents)
         return _pairwise(xp, lambda a, b: be.conv2d(a, b, stride, padding)[0], x, w, 4, 4)
     x4, lead = _merge_lead(xp, x, 3)
-    out, saved = be.conv2d(x4, w, stride, padding)
+    out, saved = be.conv2d(x4, w, stride, padding, keep=cache is not None)
     if cache is not None and not cache and x.ndim == 4:
         cache["input"], cache["weight"], cache["saved"] = x, w, saved
     return _shape_of(xp, out, lead, 3)

@@ -301,6 +301,12 @@ def finalize(x):
 
 
 # -- binding primitives -----------------------------------------------------------------------
+def is_recorded(x) -> bool:
+    """Whether operations on ``x`` are being recorded for some derivative (a traced Tensor at
+    a level that :func:`no_grad` does not switch off)."""
+    return type(x) is Tensor and x._level > 0 and x._level >= _state["floor"]
+
+
 def bind(prim: Primitive, *args, **params) -> Tensor:
     """Apply ``prim`` to ``args`` (Tensors, raw arrays or Python scalars), recording it on every
     trace level its arguments belong to."""

@@ -179,7 +179,9 @@ def conv_problems(draw):
 def _conv_all(be, x, w, g, gs, geom):
     n, c, h, wd, f, kh, kw, stride, padding, lead = geom
     out, saved = be.conv2d(x, w, stride, padding)
-    return [out, be.conv2d_input_grad(g, w, h, wd, stride, padding),
+    unsaved, nothing = be.conv2d(x, w, stride, padding, keep=False)
+    assert nothing is None
+    return [out, unsaved, be.conv2d_input_grad(g, w, h, wd, stride, padding),
             be.conv2d_input_grad(g, w, h, wd, stride, padding, saved),
             be.conv2d_weight_grad(x, g, kh, kw, stride, padding),
             be.conv2d_weight_grad(x, g, kh, kw, stride, padding, saved),
@@ -202,7 +204,7 @@ def test_conv_kernels_match_reference(backend, geom, seed):
     got = [backend.to_numpy(a) for a in _conv_all(backend, *map(backend.asarray, (x, w, g, gs)),
                                                    geom)]
     cols = ref_im2col(x, kh, kw, stride, padding)
-    want = [ref_conv(x, w, stride, padding),
+    want = [*[ref_conv(x, w, stride, padding)] * 2,
             *[ref_col2im(np.einsum("nfhw,fcij->ncijhw", g, w), h, wd, stride, padding)] * 2,
             *[np.einsum("nfhw,ncijhw->fcij", g, cols)] * 2,
             np.einsum("...nfhw,ncijhw->...fcij", gs, cols)]

@@ -275,3 +275,27 @@ def test_transforms_started_inside_no_grad_still_work(backend):
     np.testing.assert_allclose(np.diag(host(j)), 1 - np.tanh(host(x)) ** 2, rtol=1e-14)
     np.testing.assert_allclose(host(g), 2 * host(x))
     assert mr.is_grad_enabled()
+
+
+def test_conv_keeps_patches_only_when_its_filters_are_differentiated(backend):
+    """With constant filters conv saves nothing (a faster kernel may run); derivatives in the
+    input are the same either way, and the filter gradient still reuses the forward's patches."""
+    rng = np.random.default_rng(5)
+    x = backend.asarray(rng.standard_normal((3, 2, 7, 6)))
+    w = backend.asarray(rng.standard_normal((4, 2, 3, 3)))
+    u = backend.asarray(rng.standard_normal((3, 4, 7, 6)))
+    f = lambda x, w: mr.sum(mr.conv(x, w, 1, 1) * u)  # noqa: E731
+    gx_only = mr.grad(f)(x, w)
+    gx, gw = mr.grad(f, argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(mr.to_numpy(gx_only), mr.to_numpy(gx), rtol=1e-13, atol=1e-13)
+    check_grads(f, x, w, order=2)
+
+    def conv_node(trace_w: bool):
+        level = tracing.new_level()
+        tx, tw = (tracing.make(mr.tensor(a), level, tracing.leaf_node()) for a in (x, w))
+        return mr.conv(tx, tw if trace_w else w, 1, 1)._node
+
+    assert conv_node(trace_w=False).params["cache"] is None  # filters constant: nothing kept
+    assert conv_node(trace_w=True).params["cache"]["saved"] is not None
+    with mr.no_grad():
+        assert mr.conv(x, w, 1, 1)._node is None
