@@ -109,8 +109,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
         )
     stats: dict = {}
     if weight is not None and bias is not None:  # one primitive, closed-form rules
-        out = ops.standardize_affine(x, ops.reshape(weight, shape), ops.reshape(bias, shape),
-                                     axes, eps, cache=stats)
+        out = ops.standardize_affine(x, weight, bias, axes, eps, cache=stats)
     else:
         out = ops.standardize(x, axes, eps, cache=stats)
         if weight is not None:

@@ -582,7 +582,7 @@ def inv_std(x, axis, eps: float = 1e-5, *, cache: dict | None = None) -> Tensor:
 
 def _channel_param(name: str, what: str, p, x: Tensor, axis) -> Tensor:
     p = as_tensor(p)
-    want = tuple(1 if i in axis else d for i, d in enumerate(x.shape))
+    want = tuple(d for i, d in enumerate(x.shape) if i not in axis)
     if p.shape != want:
         raise ValueError(
             f"{name}: {what} must have shape {want} (one value per channel of x {x.shape}), got "
@@ -594,8 +594,8 @@ def _channel_param(name: str, what: str, p, x: Tensor, axis) -> Tensor:
 def standardize_affine(x, weight, bias, axis, eps: float = 1e-5, *,
                        cache: dict | None = None) -> Tensor:
     """``standardize(x, axis, eps) * weight + bias`` as one primitive (batch norm in training
-    mode); ``weight`` and ``bias`` have ``x``'s shape with 1 on the ``axis`` axes. ``cache`` as
-    in :func:`standardize`."""
+    mode); ``weight`` and ``bias`` have one value per channel: ``x``'s shape without the
+    ``axis`` axes (``(C,)`` for ``axis=(0, 2, 3)``). ``cache`` as in :func:`standardize`."""
     x = as_tensor(x)
     pos = _axes("standardize_affine", axis, x.ndim)
     weight = _channel_param("standardize_affine", "weight", weight, x, pos)

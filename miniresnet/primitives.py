@@ -312,7 +312,7 @@ def _inv_std_jvp(t, ans, x, axis, eps, cache):
     return -(ans * ans) * o.mean(t * o.standardize(x, axis, eps, cache=cache), axis, keepdims=True)
 
 
-# standardize_affine(x, w, b) = standardize(x) * w + b (w, b: per channel, broadcastable) is
+# standardize_affine(x, w, b) = standardize(x) * w + b (w, b: one value per channel) is
 # batch norm in training mode as one primitive. Its Jacobian in x is w * J_standardize, which
 # is symmetric, so the VJP and the JVP in x are the same map, standardize_affine_grad(g, x, w) =
 # w inv (g - mean(g) - x^ mean(g x^)), a primitive whose NumPy-friendly forward makes few
@@ -320,15 +320,22 @@ def _inv_std_jvp(t, ans, x, axis, eps, cache):
 # of the composed expression (:func:`_affine_grad_composed`), taken by a nested transform.
 
 
+def _kept(shape, axis) -> tuple[int, ...]:
+    """``shape`` with 1 on the (negative) ``axis`` axes: where per-channel values broadcast."""
+    axis = {a % len(shape) for a in axis}
+    return tuple(1 if i in axis else d for i, d in enumerate(shape))
+
+
 def _standardize_affine_impl(xp, x, w, b, axis, eps, cache):
-    out = _standardize_stats(xp, x, axis, eps, cache)["xhat"] * w
-    out += b
+    keep = _kept(x.shape, axis)
+    out = _standardize_stats(xp, x, axis, eps, cache)["xhat"] * xp.reshape(w, keep)
+    out += xp.reshape(b, keep)
     return out
 
 
 def _standardize_affine_grad_impl(xp, g, x, w, axis, eps, cache):
     stats = _standardize_stats(xp, x, axis, eps, cache)
-    xhat, k = stats["xhat"], w * stats["inv"]
+    xhat, k = stats["xhat"], xp.reshape(w, _kept(x.shape, axis)) * stats["inv"]
     m1 = xp.mean(g, axis=axis, keepdims=True)
     m2 = xp.mean(g * xhat, axis=axis, keepdims=True)
     out = g * k
@@ -340,7 +347,7 @@ def _standardize_affine_grad_impl(xp, g, x, w, axis, eps, cache):
 def _affine_grad_composed(g, x, w, axis, eps, cache):
     """standardize_affine_grad written with other primitives (differentiable in x)."""
     xhat = o.standardize(x, axis, eps, cache=cache)
-    return (w * o.inv_std(x, axis, eps, cache=cache)) * (
+    return (o.reshape(w, _kept(x.shape, axis)) * o.inv_std(x, axis, eps, cache=cache)) * (
         g - o.mean(g, axis, keepdims=True) - xhat * o.mean(g * xhat, axis, keepdims=True))
 
 
@@ -360,7 +367,10 @@ def _affine_grad_jvp_x(t, ans, g, x, w, axis, eps, cache):
 
 def _affine_grad_vjp_w(h, ans, g, x, w, axis, eps, cache):
     unit = o.standardize_affine_grad(g, x, o.ones_like(w), axis, eps, cache=cache)
-    return _unbroadcast(h * unit, w.shape, ans.shape)
+    r = o.sum(h * unit, axis)  # batch + g's stack axes + channel
+    stack = g.ndim - x.ndim  # g's own leading axes: summed (w has none)
+    first = h.ndim - ans.ndim
+    return o.sum(r, tuple(range(first, first + stack))) if stack else r
 
 
 def _im2col_vjp(g, ans, x, kh, kw, stride, padding):
@@ -507,13 +517,15 @@ inv_std = Primitive("inv_std",
 standardize_affine = Primitive("standardize_affine", _standardize_affine_impl,
     vjp=(lambda g, ans, x, w, b, axis, eps, cache:
              o.standardize_affine_grad(g, x, w, axis, eps, cache=cache),
-         lambda g, ans, x, w, b, axis, eps, cache: _unbroadcast(
-             g * o.standardize(x, axis, eps, cache=cache), w.shape, ans.shape),
-         lambda g, ans, x, w, b, axis, eps, cache: _unbroadcast(g, b.shape, ans.shape)),
+         lambda g, ans, x, w, b, axis, eps, cache:
+             o.sum(g * o.standardize(x, axis, eps, cache=cache), axis),
+         lambda g, ans, x, w, b, axis, eps, cache: o.sum(g, axis)),
     jvp=(lambda t, ans, x, w, b, axis, eps, cache:
              o.standardize_affine_grad(t, x, w, axis, eps, cache=cache),
-         lambda t, ans, x, w, b, axis, eps, cache: t * o.standardize(x, axis, eps, cache=cache),
-         lambda t, ans, x, w, b, axis, eps, cache: o.broadcast_to(t, ans.shape)))
+         lambda t, ans, x, w, b, axis, eps, cache:
+             o.reshape(t, _kept(x.shape, axis)) * o.standardize(x, axis, eps, cache=cache),
+         lambda t, ans, x, w, b, axis, eps, cache:
+             o.broadcast_to(o.reshape(t, _kept(x.shape, axis)), ans.shape)))
 standardize_affine_grad = Primitive("standardize_affine_grad", _standardize_affine_grad_impl,
     vjp=(lambda h, ans, g, x, w, axis, eps, cache:
              o.standardize_affine_grad(h, x, w, axis, eps, cache=cache),

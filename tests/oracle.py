@@ -433,7 +433,7 @@ def standardize_affine_example(draw, grad=False):
     primitive also g, with optional leading batch axes."""
     (p, (x,)) = draw(standardize_example())
     axis = tuple(a % x.ndim for a in p["axis"])
-    param = tuple(1 if i in axis else d for i, d in enumerate(x.shape))
+    param = tuple(d for i, d in enumerate(x.shape) if i not in axis)  # one value per channel
     w, b = draw(host_arrays(param)), draw(host_arrays(param))
     if not grad:
         return _ex(p, x, w, b)
@@ -618,7 +618,13 @@ def standardize_oracle(x, axis, eps):
     return (x - mean) / anp.sqrt(anp.mean((x - mean) ** 2, axis=axis, keepdims=True) + eps)
 
 
+def _per_channel(w, x, axis):
+    """A per-channel parameter reshaped to broadcast against ``x`` (1 on the ``axis`` axes)."""
+    return anp.reshape(w, tuple(1 if i in axis else d for i, d in enumerate(x.shape)))
+
+
 def standardize_affine_grad_oracle(g, x, w, axis, eps):
+    w = _per_channel(w, x, axis)
     axis = tuple(a - x.ndim for a in axis)  # g may carry batch axes
     xhat = standardize_oracle(x, axis, eps)
     mean = lambda v: anp.mean(v, axis=axis, keepdims=True)  # noqa: E731
@@ -839,7 +845,8 @@ case("inv_std", lambda p, x: mr.inv_std(x, p["axis"], p["eps"]),
      lambda p, x: inv_std_oracle(x, _axes(p["axis"], x.ndim), p["eps"]),
      standardize_example(), ["inv_std"])
 case("standardize_affine", lambda p, x, w, b: mr.standardize_affine(x, w, b, p["axis"], p["eps"]),
-     lambda p, x, w, b: standardize_oracle(x, _axes(p["axis"], x.ndim), p["eps"]) * w + b,
+     lambda p, x, w, b: standardize_oracle(x, _axes(p["axis"], x.ndim), p["eps"])
+     * _per_channel(w, x, _axes(p["axis"], x.ndim)) + _per_channel(b, x, _axes(p["axis"], x.ndim)),
      standardize_affine_example(), ["standardize_affine"])
 case("standardize_affine_grad",
      lambda p, g, x, w: mr.standardize_affine_grad(g, x, w, p["axis"], p["eps"]),
