@@ -146,27 +146,34 @@ def _patches(x: np.ndarray, kh: int, kw: int, stride: Sequence[int], padding: Se
     return cols
 
 
-def _patches_stride1(xt: np.ndarray, kh: int, kw: int, oh: int, ow: int, ph: int, pw: int
-                     ) -> np.ndarray:
-    """:func:`_patches` for stride 1, from channel-major images ``xt`` (C, N, H, W).
-
-    For each column offset j, one copy makes the zero-padded (C, N, H + 2 ph, OW) image shifted
-    by j; every row offset i is then a contiguous (OH, OW) block of it per image, so the kh * kw
-    patch copies move long contiguous runs instead of rows of OW elements.
-    """
+def _column_shifts(xt: np.ndarray, kh: int, kw: int, ph: int, pw: int) -> np.ndarray:
+    """The zero-padded channel-major images ``xt`` (C, N, H, W) shifted by each column offset
+    j, as one (C, kw, N (H + 2 ph) OW + (kh - 1) OW) buffer: ``[c, j, (n, y, o)] = xpad[c, n, y,
+    o + j]`` with every row OW wide, plus a zero tail so that the flat axis can be shifted by up
+    to ``(kh - 1) OW`` (row offsets)."""
     c, n, h, w = xt.shape
-    cols = np.empty((c, kh, kw, n, oh, ow), dtype=xt.dtype)
-    shifted = np.empty((c, n, h + 2 * ph, ow), dtype=xt.dtype)
+    hp, ow = h + 2 * ph, w + 2 * pw - kw + 1
+    size = n * hp * ow
+    buf = np.zeros((c, kw, size + (kh - 1) * ow), dtype=xt.dtype)
+    shifted = buf[:, :, :size].reshape(c, kw, n, hp, ow)
     for j in range(kw):
         lo, hi = max(0, pw - j), min(ow, w + pw - j)  # output columns that read the image
-        shifted[:, :, :ph] = 0
-        shifted[:, :, ph + h :] = 0
-        shifted[:, :, ph : ph + h, :lo] = 0
-        shifted[:, :, ph : ph + h, max(lo, hi) :] = 0
         if hi > lo:
-            shifted[:, :, ph : ph + h, lo:hi] = xt[:, :, :, lo + j - pw : hi + j - pw]
-        for i in range(kh):
-            cols[:, i, j] = shifted[:, :, i : i + oh]
+            shifted[:, j, :, ph : ph + h, lo:hi] = xt[:, :, :, lo + j - pw : hi + j - pw]
+    return buf
+
+
+def _patches_stride1(xt: np.ndarray, kh: int, kw: int, oh: int, ow: int, ph: int, pw: int
+                     ) -> np.ndarray:
+    """:func:`_patches` for stride 1, from channel-major images ``xt`` (C, N, H, W): every row
+    offset i of the column-shifted images (:func:`_column_shifts`) is a contiguous (OH, OW)
+    block per image, so the kh * kw patch copies move long runs instead of rows of OW."""
+    c, n, h, _ = xt.shape
+    hp = h + 2 * ph
+    shifted = _column_shifts(xt, kh, kw, ph, pw)[:, :, : n * hp * ow].reshape(c, kw, n, hp, ow)
+    cols = np.empty((c, kh, kw, n, oh, ow), dtype=xt.dtype)
+    for i in range(kh):
+        cols[:, i] = shifted[:, :, :, i : i + oh]
     return cols
 
 
@@ -200,12 +207,11 @@ def _conv(x: np.ndarray, w: np.ndarray, stride: Sequence[int], padding: Sequence
 def _conv_rows(x: np.ndarray, w: np.ndarray, ph: int, pw: int) -> np.ndarray:
     """Stride-1 conv2d that copies the input kw times instead of kh * kw times.
 
-    Per chunk of images, ``rows[(c, j), (n, y, o)] = xpad[c, n, y, o + j]`` (the padded images
-    shifted by each column offset j, flattened over (n, y, o) with every row OW wide). Shifting
-    that flat axis by ``i * OW`` gives row offset i, so the output is the sum over i of kh GEMMs
-    with strided views of one buffer; rows y >= OH of each image are computed and dropped. Used
-    wherever no patches need to be kept for a filter gradient (the input gradient, and
-    convolutions whose filters are not being differentiated).
+    Per chunk of images, the column-shifted images (:func:`_column_shifts`) are one (C kw,
+    N Hp OW) matrix; shifting its flat axis by ``i * OW`` gives row offset i, so the output is
+    the sum over i of kh GEMMs with strided views of one buffer; rows y >= OH of each image are
+    computed and dropped. Used wherever no patches need to be kept for a filter gradient (the
+    input gradient, and convolutions whose filters are not being differentiated).
     """
     f, c, kh, kw = w.shape
     n, _, h, wd = x.shape
@@ -216,13 +222,7 @@ def _conv_rows(x: np.ndarray, w: np.ndarray, ph: int, pw: int) -> np.ndarray:
     out = np.empty((f, n, oh, ow), dtype=np.result_type(x, w)) if len(ranges) > 1 else None
     for a, b in ranges:
         size = (b - a) * hp * ow
-        buf = np.zeros((c, kw, size + (kh - 1) * ow), dtype=x.dtype)
-        shifted = buf[:, :, :size].reshape(c, kw, b - a, hp, ow)
-        for j in range(kw):
-            lo, hi = max(0, pw - j), min(ow, wd + pw - j)  # output columns inside the image
-            if hi > lo:
-                shifted[:, j, :, ph : ph + h, lo:hi] = xt[:, a:b, :, lo + j - pw : hi + j - pw]
-        flat = buf.reshape(c * kw, -1)
+        flat = _column_shifts(xt[:, a:b], kh, kw, ph, pw).reshape(c * kw, -1)
         acc = taps[0] @ flat[:, :size]
         for i in range(1, kh):
             acc += taps[i] @ flat[:, i * ow : i * ow + size]

@@ -39,6 +39,8 @@ def _mask(cond, like):
 
 
 def _keepdims_shape(shape, axis):
+    """``shape`` with 1 on the ``axis`` axes (negative ones allowed)."""
+    axis = {a % len(shape) for a in axis}
     return tuple(1 if i in axis else d for i, d in enumerate(shape))
 
 
@@ -320,14 +322,8 @@ def _inv_std_jvp(t, ans, x, axis, eps, cache):
 # of the composed expression (:func:`_affine_grad_composed`), taken by a nested transform.
 
 
-def _kept(shape, axis) -> tuple[int, ...]:
-    """``shape`` with 1 on the (negative) ``axis`` axes: where per-channel values broadcast."""
-    axis = {a % len(shape) for a in axis}
-    return tuple(1 if i in axis else d for i, d in enumerate(shape))
-
-
 def _standardize_affine_impl(xp, x, w, b, axis, eps, cache):
-    keep = _kept(x.shape, axis)
+    keep = _keepdims_shape(x.shape, axis)
     out = _standardize_stats(xp, x, axis, eps, cache)["xhat"] * xp.reshape(w, keep)
     out += xp.reshape(b, keep)
     return out
@@ -335,7 +331,7 @@ def _standardize_affine_impl(xp, x, w, b, axis, eps, cache):
 
 def _standardize_affine_grad_impl(xp, g, x, w, axis, eps, cache):
     stats = _standardize_stats(xp, x, axis, eps, cache)
-    xhat, k = stats["xhat"], xp.reshape(w, _kept(x.shape, axis)) * stats["inv"]
+    xhat, k = stats["xhat"], xp.reshape(w, _keepdims_shape(x.shape, axis)) * stats["inv"]
     m1 = xp.mean(g, axis=axis, keepdims=True)
     m2 = xp.mean(g * xhat, axis=axis, keepdims=True)
     out = g * k
@@ -347,7 +343,7 @@ def _standardize_affine_grad_impl(xp, g, x, w, axis, eps, cache):
 def _affine_grad_composed(g, x, w, axis, eps, cache):
     """standardize_affine_grad written with other primitives (differentiable in x)."""
     xhat = o.standardize(x, axis, eps, cache=cache)
-    return (o.reshape(w, _kept(x.shape, axis)) * o.inv_std(x, axis, eps, cache=cache)) * (
+    return (o.reshape(w, _keepdims_shape(x.shape, axis)) * o.inv_std(x, axis, eps, cache=cache)) * (
         g - o.mean(g, axis, keepdims=True) - xhat * o.mean(g * xhat, axis, keepdims=True))
 
 
@@ -523,9 +519,10 @@ standardize_affine = Primitive("standardize_affine", _standardize_affine_impl,
     jvp=(lambda t, ans, x, w, b, axis, eps, cache:
              o.standardize_affine_grad(t, x, w, axis, eps, cache=cache),
          lambda t, ans, x, w, b, axis, eps, cache:
-             o.reshape(t, _kept(x.shape, axis)) * o.standardize(x, axis, eps, cache=cache),
+             o.reshape(t, _keepdims_shape(x.shape, axis))
+             * o.standardize(x, axis, eps, cache=cache),
          lambda t, ans, x, w, b, axis, eps, cache:
-             o.broadcast_to(o.reshape(t, _kept(x.shape, axis)), ans.shape)))
+             o.broadcast_to(o.reshape(t, _keepdims_shape(x.shape, axis)), ans.shape)))
 standardize_affine_grad = Primitive("standardize_affine_grad", _standardize_affine_grad_impl,
     vjp=(lambda h, ans, g, x, w, axis, eps, cache:
              o.standardize_affine_grad(h, x, w, axis, eps, cache=cache),
