@@ -240,19 +240,28 @@ def _conv_rows(x: np.ndarray, w: np.ndarray, ph: int, pw: int) -> np.ndarray:
 # per element: on small images (and for large stacks of cotangents, which amortise building the
 # matrix) it is the cheaper way. :func:`_dense_cheaper` picks with a rough cost model whose two
 # constants are this kind of machine's seconds per copied patch element and per flop (the
-# crossovers it gives matched measurements within ~20%).
+# crossovers it gives matched measurements within ~20%); where the alternative is the stride-1
+# kernel :func:`_conv_rows` (kw long copies, kh skinny GEMMs), its own two constants apply.
 TOEPLITZ_MAX = 1 << 22  # largest dense matrix (elements) ever built
 COPY_S, FLOP_S = 2.5e-9, 1e-11
+ROWS_COPY_S, ROWS_FLOP_S = 1.5e-9, 2.5e-11  # _conv_rows: long copies, skinny GEMMs
 
 
 def _dense_cheaper(n: int, c: int, h: int, w: int, f: int, kh: int, kw: int, oh: int, ow: int,
-                   build: bool = True) -> bool:
+                   build: bool = True, rows: tuple[int, int, int, int] | None = None) -> bool:
+    """Whether the dense product beats the patch GEMM (or, given ``rows=(input channels,
+    output channels, padded height, output width)`` of a :func:`_conv_rows` call, that kernel)
+    for conv2d on (n, c, h, w) inputs with (f, c, kh, kw) filters."""
     size = c * h * w * f * oh * ow
     if size > TOEPLITZ_MAX:
         return False
     dense = 2 * n * size * FLOP_S + (size * COPY_S + 2 * size * kh * kw * FLOP_S if build else 0)
-    patches = n * c * kh * kw * oh * ow * (COPY_S + 2 * f * FLOP_S)
-    return dense < patches
+    if rows is None:
+        other = n * c * kh * kw * oh * ow * (COPY_S + 2 * f * FLOP_S)
+    else:
+        cin, cout, hp, width = rows
+        other = n * cin * kw * hp * width * (ROWS_COPY_S + 2 * cout * kh * ROWS_FLOP_S)
+    return dense < other
 
 
 @functools.lru_cache(maxsize=64)
@@ -297,11 +306,13 @@ def conv2d(x: Any, w: Any, stride: Sequence[int] = (1, 1), padding: Sequence[int
     with the patch chunks or the dense matrix)."""
     x, w = np.asarray(x), np.asarray(w)
     n, c, h, wd, f, kh, kw, oh, ow = _geometry(x.shape, w.shape, stride, padding)
-    if _dense_cheaper(n, c, h, wd, f, kh, kw, oh, ow):
+    rows = not keep and tuple(stride) == (1, 1)
+    if _dense_cheaper(n, c, h, wd, f, kh, kw, oh, ow,
+                      rows=(c, f, h + 2 * padding[0], ow) if rows else None):
         t = _toeplitz(w, h, wd, stride, padding)
         x2 = x.reshape(n, c * h * wd)
         return (x2 @ t).reshape(n, f, oh, ow), {"toeplitz": t, "x2": x2} if keep else None
-    if not keep and tuple(stride) == (1, 1):
+    if rows:
         return _conv_rows(x, w, *padding), None
     out, cols = _conv(x, w, stride, padding, keep)
     return out, {"cols": cols} if keep else None
@@ -316,11 +327,13 @@ def conv2d_input_grad(g: Any, w: Any, height: int, width: int,
     c, kh, kw = w.shape[1:]
     _, _, sh, sw, ph, pw = conv_output_size(height, width, kh, kw, stride, padding)
     t = saved.get("toeplitz") if saved else None
-    if t is not None or _dense_cheaper(n, c, height, width, f, kh, kw, oh, ow):
+    rows = (sh, sw) == (1, 1) and ph < kh and pw < kw
+    if t is not None or _dense_cheaper(n, c, height, width, f, kh, kw, oh, ow,
+                                       rows=(f, c, height + kh - 1, width) if rows else None):
         if t is None:
             t = _toeplitz(w, height, width, stride, padding)
         return (g.reshape(n, f * oh * ow) @ t.T).reshape(n, c, height, width)
-    if (sh, sw) == (1, 1) and ph < kh and pw < kw:
+    if rows:
         flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
         return _conv_rows(g, flipped, kh - 1 - ph, kw - 1 - pw)
     gt = g.transpose(1, 0, 2, 3).reshape(f, n * oh * ow)

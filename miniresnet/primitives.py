@@ -377,6 +377,12 @@ def _col2im_vjp(g, ans, cols, height, width, stride, padding):
     return o.im2col(g, cols.shape[-4], cols.shape[-3], stride, padding)
 
 
+def _positive(ans):
+    """1.0 where ``ans > 0``, else 0.0 (a constant): relu's derivative as a multiplier, which
+    NumPy applies several times faster than a ``where`` with a data-dependent mask."""
+    return o.astype(o.greater(ans, 0.0), ans.dtype)
+
+
 # fmt: off
 # ---------------------------------------------------------------------------------------------
 #  name            forward                                    VJP rules (one per argument)
@@ -423,8 +429,8 @@ sigmoid = Primitive("sigmoid", lambda xp, x: 0.5 * (xp.tanh(0.5 * x) + 1.0),  # 
     vjp=(lambda g, ans, x: g * (ans * (1.0 - ans)),),
     jvp=(lambda t, ans, x: t * (ans * (1.0 - ans)),))
 relu = Primitive("relu", lambda xp, x: xp.maximum(x, 0.0),  # d/dx = 0 at 0; relu(nan) = nan
-    vjp=(lambda g, ans, x: o.where(o.greater(ans, 0.0), g, 0.0),),
-    jvp=(lambda t, ans, x: o.where(o.greater(ans, 0.0), t, 0.0),))
+    vjp=(lambda g, ans, x: g * _positive(ans),),
+    jvp=(lambda t, ans, x: t * _positive(ans),))
 where = Primitive("where", lambda xp, c, x, y: xp.where(c, x, y),  # c: a boolean constant
     vjp=(None,
          lambda g, ans, c, x, y: o.where(c, g, 0.0),

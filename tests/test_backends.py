@@ -240,6 +240,9 @@ def test_numpy_conv_paths_are_taken(monkeypatch):
     assert "toeplitz" in _numpy.conv2d(x, w, (1, 1), (1, 1))[1]  # small images: dense
     assert "cols" in _numpy.conv2d(host_normal(0, (8, 2, 16, 16)), w, (1, 1), (1, 1))[1]
     assert _numpy._dense_cheaper(1024, 16, 8, 8, 16, 3, 3, 8, 8)  # a stack of cotangents
+    # ... unless the cheaper stride-1 kernel from column-shifted copies can do it
+    assert not _numpy._dense_cheaper(1024, 16, 8, 8, 16, 3, 3, 8, 8, rows=(16, 16, 10, 8))
+    assert _numpy._dense_cheaper(128, 64, 2, 2, 64, 3, 3, 2, 2, rows=(64, 64, 4, 2))
     assert not _numpy._dense_cheaper(128, 16, 8, 8, 16, 3, 3, 8, 8)
     monkeypatch.setattr(_numpy, "TOEPLITZ_MAX", 0)
     assert len(_numpy.conv2d(x, w, (1, 1), (1, 1))[1]["cols"]) == 1
