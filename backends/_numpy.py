@@ -293,6 +293,19 @@ def _toeplitz(w: np.ndarray, h: int, wd: int, stride: Sequence[int], padding: Se
     return t.transpose(1, 2, 0, 3).reshape(c * h * wd, f * oh * ow)
 
 
+def _channel_major(a: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) ``a`` copied into channel-major memory, as the patch kernels return it:
+    batch norm's per-channel reductions and broadcasts then run over long contiguous runs
+    instead of H W-element ones (measured: 2-5% of a ResNet-20 step on 8 x 8 images)."""
+    return np.ascontiguousarray(a.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
+
+
+def _zeros_channel_major(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """Zeros of (N, C, H, W) ``shape`` in channel-major memory (see :func:`_channel_major`)."""
+    n, c, h, w = shape
+    return np.zeros((c, n, h, w), dtype=dtype).transpose(1, 0, 2, 3)
+
+
 def _geometry(x_shape, w_shape, stride, padding):
     n, c, h, wd = x_shape
     f, _, kh, kw = w_shape
@@ -311,7 +324,8 @@ def conv2d(x: Any, w: Any, stride: Sequence[int] = (1, 1), padding: Sequence[int
                       rows=(c, f, h + 2 * padding[0], ow) if rows else None):
         t = _toeplitz(w, h, wd, stride, padding)
         x2 = x.reshape(n, c * h * wd)
-        return (x2 @ t).reshape(n, f, oh, ow), {"toeplitz": t, "x2": x2} if keep else None
+        out = _channel_major((x2 @ t).reshape(n, f, oh, ow))
+        return out, {"toeplitz": t, "x2": x2} if keep else None
     if rows:
         return _conv_rows(x, w, *padding), None
     out, cols = _conv(x, w, stride, padding, keep)
@@ -332,13 +346,14 @@ def conv2d_input_grad(g: Any, w: Any, height: int, width: int,
                                        rows=(f, c, height + kh - 1, width) if rows else None):
         if t is None:
             t = _toeplitz(w, height, width, stride, padding)
-        return (g.reshape(n, f * oh * ow) @ t.T).reshape(n, c, height, width)
+        return _channel_major((g.reshape(n, f * oh * ow) @ t.T).reshape(n, c, height, width))
     if rows:
         flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
         return _conv_rows(g, flipped, kh - 1 - ph, kw - 1 - pw)
     gt = g.transpose(1, 0, 2, 3).reshape(f, n * oh * ow)
     cols = (w.reshape(f, c * kh * kw).T @ gt).reshape(c, kh, kw, n, oh, ow)
-    return col2im(cols.transpose(3, 0, 1, 2, 4, 5), height, width, stride, padding)
+    return col2im(cols.transpose(3, 0, 1, 2, 4, 5), height, width, stride, padding,
+                  zeros=_zeros_channel_major)
 
 
 def conv2d_weight_grad(x: Any, g: Any, kh: int, kw: int, stride: Sequence[int] = (1, 1),

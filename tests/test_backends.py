@@ -237,7 +237,11 @@ def test_numpy_conv_paths_equal_generic(monkeypatch, layout, chunk, dense, geom,
 def test_numpy_conv_paths_are_taken(monkeypatch):
     """The branches the equality test above compares are really the ones that run."""
     x, w = host_normal(0, (8, 2, 4, 4)), host_normal(1, (3, 2, 3, 3))
-    assert "toeplitz" in _numpy.conv2d(x, w, (1, 1), (1, 1))[1]  # small images: dense
+    out, saved = _numpy.conv2d(x, w, (1, 1), (1, 1))
+    assert "toeplitz" in saved  # small images: dense
+    assert out.transpose(1, 0, 2, 3).flags.c_contiguous  # channel-major, like the patch paths
+    strided = _numpy.conv2d_input_grad(host_normal(2, (8, 3, 8, 8)), w, 16, 16, (2, 2), (1, 1))
+    assert strided.transpose(1, 0, 2, 3).flags.c_contiguous  # col2im into channel-major zeros
     assert "cols" in _numpy.conv2d(host_normal(0, (8, 2, 16, 16)), w, (1, 1), (1, 1))[1]
     assert _numpy._dense_cheaper(1024, 16, 8, 8, 16, 3, 3, 8, 8)  # a stack of cotangents
     # ... unless the cheaper stride-1 kernel from column-shifted copies can do it
