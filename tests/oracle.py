@@ -416,11 +416,14 @@ def conv_primitive_example(draw, which):
 
 @st.composite
 def standardize_example(draw):
-    shape = draw(shapes(min_dims=1, max_dims=4, max_side=3))
+    shape = list(draw(shapes(min_dims=1, max_dims=4, max_side=3)))
     axis = tuple(sorted(draw(st.sets(st.integers(0, len(shape) - 1), min_size=1))))
-    assume(math.prod(shape[a] for a in axis) > 2)
-    x = draw(host_arrays(shape))
-    # away from zero variance (see batch_norm_example)
+    if math.prod(shape[a] for a in axis) <= 2:  # at least 3 values per statistic
+        shape[axis[0]] = 3
+    shape = tuple(shape)
+    # away from zero variance (see batch_norm_example): drawn arrays often repeat one value, so
+    # a fixed irregular pattern is added (as for g below) and the assume() rarely rejects
+    x = draw(host_arrays(shape)) + 0.5 * np.sin(2.3 * np.arange(math.prod(shape))).reshape(shape)
     assume(np.min(np.var(x, axis=axis)) > 0.05)
     negative = draw(st.booleans())
     axis = tuple(a - len(shape) for a in axis) if negative else axis
@@ -441,10 +444,11 @@ def standardize_affine_example(draw, grad=False):
     # not a g whose result is pure cancellation (g constant per channel, or along x^): there
     # the output is rounding noise of O(1) terms and no relative error means anything; a fixed
     # irregular pattern added to the drawn g makes that rare, the assume() below excludes it
+    # (judged with unit weights: w only scales each channel, and is often drawn all zero)
     shape = lead + x.shape
     g = draw(host_arrays(shape)) + np.sin(1.7 * np.arange(math.prod(shape))).reshape(shape)
-    out = standardize_affine_grad_oracle(g, x, w, axis, p["eps"])
-    assume(np.max(np.abs(out)) > 0.05)
+    unit = standardize_affine_grad_oracle(g, x, np.ones_like(w), axis, p["eps"])
+    assume(np.max(np.abs(unit)) > 0.05)
     return _ex(p, g, x, w)
 
 
@@ -472,6 +476,27 @@ def batch_norm_example(draw):
         xs += [draw(host_arrays((c,))), draw(host_arrays((c,), low=0.3, high=2.0))]
     xs += [draw(host_arrays((c,))) for key in ("weight", "bias") if p[key]]
     return _ex(p, *xs)
+
+
+@st.composite
+def batch_norm_eval_example(draw):
+    """Evaluation mode with constant statistics, weight and bias (only x differentiated: the
+    one-scale-one-shift path of batch_norm)."""
+    n, c = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    shape = (n, c) + ((draw(st.integers(1, 3)),) * 2 if draw(st.booleans()) else ())
+    consts = (draw(host_arrays((c,))), draw(host_arrays((c,), low=0.3, high=2.0)),
+              draw(host_arrays((c,))), draw(host_arrays((c,))))
+    x = draw(host_arrays(shape))
+    # not x at the running mean everywhere: the output is then the rounding of x s - mean s
+    # (PyTorch's folded form too) and no relative error means anything
+    assume(np.max(np.abs(x - consts[0].reshape((1, c) + (1,) * (x.ndim - 2)))) > 0.05)
+    return _ex({"eps": draw(st.sampled_from([1e-5, 0.1])), "consts": consts}, x)
+
+
+def batch_norm_eval_fun(p, x):
+    dtype = x.backend.dtype_name(x.dtype)
+    rm, rv, w, b = (_bk(a.astype(dtype)) for a in p["consts"])
+    return F.batch_norm(x, rm, rv, w, b, training=False, eps=p["eps"])
 
 
 @st.composite
@@ -861,6 +886,10 @@ case("conv2d",
      conv_example(), ["conv"])
 case("batch_norm", batch_norm_fun, batch_norm_oracle, batch_norm_example(),
      ["standardize_affine"])
+case("batch_norm_eval", batch_norm_eval_fun,
+     lambda p, x: batch_norm_oracle({"training": False, "weight": True, "bias": True,
+                                     "eps": p["eps"]}, x, *p["consts"]),
+     batch_norm_eval_example(), ["mul", "add"])
 case("linear", lambda p, x, w, *b: F.linear(x, w, *b),
      lambda p, x, w, *b: anp.dot(x, w.T) + (b[0] if b else 0.0), linear_example(),
      ["tensordot"])

@@ -195,7 +195,7 @@ def test_stacked_cotangents(case, data):
 # -- float32 -----------------------------------------------------------------------------------
 
 FLOAT32_CASES = ["tanh", "logsumexp", "matmul", "conv2d", "conv_transpose", "conv_weight_grad",
-                 "standardize", "standardize_affine_grad", "batch_norm",
+                 "standardize", "standardize_affine_grad", "batch_norm", "batch_norm_eval",
                  "cross_entropy",
                  "avg_pool2d", "getitem"]
 
