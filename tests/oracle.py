@@ -63,8 +63,8 @@ def to_host(x) -> np.ndarray:
 SCALE_FLOOR = 1e-4
 
 
-def rel_error(ours, oracle) -> float:
-    """``max|ours - oracle| / max(max|oracle|, SCALE_FLOOR)`` over whole arrays.
+def rel_error(ours, oracle, floor: float = SCALE_FLOOR) -> float:
+    """``max|ours - oracle| / max(max|oracle|, floor)`` over whole arrays.
 
     One scale for the whole array, never per element, so that single near-zero entries do not
     count. Inputs, cotangents and tangents are O(1) here, and so are the values and derivatives
@@ -79,7 +79,7 @@ def rel_error(ours, oracle) -> float:
     b = np.asarray(oracle, dtype=np.float64)
     assert a.shape == b.shape, f"shape {a.shape} != oracle shape {b.shape}"
     assert np.all(np.isfinite(a)), "non-finite values"
-    scale = max(float(np.max(np.abs(b), initial=0.0)), SCALE_FLOOR)
+    scale = max(float(np.max(np.abs(b), initial=0.0)), floor)
     return float(np.max(np.abs(a - b), initial=0.0)) / scale
 
 
@@ -486,11 +486,12 @@ def batch_norm_eval_example(draw):
     shape = (n, c) + ((draw(st.integers(1, 3)),) * 2 if draw(st.booleans()) else ())
     consts = (draw(host_arrays((c,))), draw(host_arrays((c,), low=0.3, high=2.0)),
               draw(host_arrays((c,))), draw(host_arrays((c,))))
-    x = draw(host_arrays(shape))
-    # not x at the running mean everywhere: the output is then the rounding of x s - mean s
-    # (PyTorch's folded form too) and no relative error means anything
-    assume(np.max(np.abs(x - consts[0].reshape((1, c) + (1,) * (x.ndim - 2)))) > 0.05)
-    return _ex({"eps": draw(st.sampled_from([1e-5, 0.1])), "consts": consts}, x)
+    x, eps = draw(host_arrays(shape)), draw(st.sampled_from([1e-5, 0.1]))
+    # not an output that is all cancellation (x at the running mean, or the bias cancelling the
+    # rest): it is then the rounding of O(1) terms and no relative error means anything
+    mean, var, w, b = (a.reshape((1, c) + (1,) * (x.ndim - 2)) for a in consts)
+    assume(np.max(np.abs((x - mean) / np.sqrt(var + eps) * w + b)) > 0.05)
+    return _ex({"eps": eps, "consts": consts}, x)
 
 
 def batch_norm_eval_fun(p, x):
