@@ -1,12 +1,11 @@
-"""NumPy backend: ``array_api_compat.numpy`` plus a fast strided im2col / col2im.
+"""NumPy backend: ``array_api_compat.numpy`` plus fast convolution kernels.
 
-im2col takes a zero-padded copy of the input, views every (kh, kw) window with
-``sliding_window_view``, keeps every ``stride``-th window and makes one C-contiguous copy in the
-(N, C, kh, kw, OH, OW) layout. col2im adds each of the kh * kw kernel offsets into an unpadded
-(N, C, H, W) zero buffer with an in-place strided ``+=`` restricted to the rows and columns that
-land inside the image (within one offset no target index repeats, so the ``+=`` is exact and no
-``np.add.at`` is needed). Measured on N=32, C=16, H=W=32, k=3, s=1, p=1 these beat the
-array-API-only versions in :mod:`._generic`; see the test module for the equality checks.
+im2col is a view of the conv kernels' channel-major patches (kh * kw strided slice copies of a
+zero-padded input, see :func:`_patches`). col2im adds each of the kh * kw kernel offsets into an
+unpadded (N, C, H, W) zero buffer with an in-place strided ``+=`` restricted to the rows and
+columns that land inside the image (within one offset no target index repeats, so the ``+=`` is
+exact and no ``np.add.at`` is needed). Both beat the array-API-only versions in :mod:`._generic`
+(N=32, C=16, H=W=32, k=3, s=1, p=1); the test module checks that they agree.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ from typing import Any
 
 import array_api_compat.numpy as xp_numpy
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from . import _malloc
 from ._generic import (
@@ -53,22 +51,9 @@ def im2col(
     stride: int | Sequence[int] = (1, 1),
     padding: int | Sequence[int] = (0, 0),
 ) -> np.ndarray:
-    """Fast NumPy im2col; same contract as :func:`._generic.im2col`."""
-    x = np.asarray(x)
-    n, c, h, w = _check_image(x)
-    oh, ow, sh, sw, ph, pw = conv_output_size(h, w, kh, kw, stride, padding)
-    if ph or pw:
-        # a zero buffer plus one slice assignment is faster than np.pad, above all for small x
-        xpad = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
-        xpad[:, :, ph : ph + h, pw : pw + w] = x
-    else:
-        xpad = x
-    windows = sliding_window_view(xpad, (kh, kw), axis=(2, 3))  # (N, C, H', W', kh, kw)
-    windows = windows[:, :, : sh * (oh - 1) + 1 : sh, : sw * (ow - 1) + 1 : sw]
-    # one copy, stored as (N, OH, OW, C, kh, kw) and returned as the (N, C, kh, kw, OH, OW)
-    # view of it: conv2d's tensordot over (C, kh, kw) then needs no second copy
-    cols = np.array(windows.transpose(0, 2, 3, 1, 4, 5), order="C", copy=True)
-    return cols.transpose(0, 3, 4, 5, 1, 2)
+    """Fast NumPy im2col; same contract as :func:`._generic.im2col`: the (N, C, kh, kw, OH, OW)
+    view of the channel-major patches that the conv kernels below use (:func:`_patches`)."""
+    return _patches(np.asarray(x), kh, kw, stride, padding).transpose(3, 0, 1, 2, 4, 5)
 
 
 def col2im(
@@ -268,17 +253,9 @@ def _dense_cheaper(n: int, c: int, h: int, w: int, f: int, kh: int, kw: int, oh:
 def _placement(h: int, w: int, kh: int, kw: int, stride: tuple[int, int],
                padding: tuple[int, int]) -> np.ndarray:
     """0/1 array (kh kw, H W OH OW): 1 where kernel offset (i, j) at output (oh, ow) reads
-    input pixel (y, x)."""
-    oh, ow, sh, sw, ph, pw = conv_output_size(h, w, kh, kw, stride, padding)
-    s = np.zeros((kh, kw, h, w, oh, ow))
-    for i in range(kh):
-        for j in range(kw):
-            for a in range(oh):
-                for b in range(ow):
-                    y, x = a * sh + i - ph, b * sw + j - pw
-                    if 0 <= y < h and 0 <= x < w:
-                        s[i, j, y, x, a, b] = 1.0
-    s = s.reshape(kh * kw, h * w * oh * ow)
+    input pixel (y, x) (the patches of the H W one-pixel images)."""
+    cols = _patches(np.eye(h * w).reshape(h * w, 1, h, w), kh, kw, stride, padding)
+    s = np.ascontiguousarray(cols.reshape(kh * kw, h * w, -1)).reshape(kh * kw, -1)
     s.setflags(write=False)
     return s
 

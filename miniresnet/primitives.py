@@ -20,6 +20,8 @@ with the ``broadcast_to`` primitive, whose VJP is the matching un-broadcast (a s
 
 from __future__ import annotations
 
+import math
+
 from miniresnet import ops as o
 from miniresnet import tracing
 from miniresnet.backends import backend_of
@@ -299,15 +301,9 @@ def _standardize_rule(g, ans, x, axis, eps, cache):
             - ans * o.mean(g * ans, axis, keepdims=True)) * inv
 
 
-def _count(x, axis) -> int:
-    n = 1
-    for a in axis:
-        n *= x.shape[a]
-    return n
-
-
 def _inv_std_vjp(g, ans, x, axis, eps, cache):
-    return (g * (ans * ans) * (-1.0 / _count(x, axis))) * o.standardize(x, axis, eps, cache=cache)
+    count = math.prod(x.shape[a] for a in axis)
+    return (g * (ans * ans) * (-1.0 / count)) * o.standardize(x, axis, eps, cache=cache)
 
 
 def _inv_std_jvp(t, ans, x, axis, eps, cache):
@@ -377,12 +373,6 @@ def _col2im_vjp(g, ans, cols, height, width, stride, padding):
     return o.im2col(g, cols.shape[-4], cols.shape[-3], stride, padding)
 
 
-def _positive(ans):
-    """1.0 where ``ans > 0``, else 0.0 (a constant): relu's derivative as a multiplier, which
-    NumPy applies several times faster than a ``where`` with a data-dependent mask."""
-    return o.astype(o.greater(ans, 0.0), ans.dtype)
-
-
 # fmt: off
 # ---------------------------------------------------------------------------------------------
 #  name            forward                                    VJP rules (one per argument)
@@ -429,8 +419,8 @@ sigmoid = Primitive("sigmoid", lambda xp, x: 0.5 * (xp.tanh(0.5 * x) + 1.0),  # 
     vjp=(lambda g, ans, x: g * (ans * (1.0 - ans)),),
     jvp=(lambda t, ans, x: t * (ans * (1.0 - ans)),))
 relu = Primitive("relu", lambda xp, x: xp.maximum(x, 0.0),  # d/dx = 0 at 0; relu(nan) = nan
-    vjp=(lambda g, ans, x: g * _positive(ans),),
-    jvp=(lambda t, ans, x: t * _positive(ans),))
+    vjp=(lambda g, ans, x: g * _mask(o.greater(ans, 0.0), ans),),  # not where: 3x slower
+    jvp=(lambda t, ans, x: t * _mask(o.greater(ans, 0.0), ans),))
 where = Primitive("where", lambda xp, c, x, y: xp.where(c, x, y),  # c: a boolean constant
     vjp=(None,
          lambda g, ans, c, x, y: o.where(c, g, 0.0),
