@@ -6,15 +6,31 @@ import os
 
 import numpy as np
 
-from miniresnet.backends import Backend, backend_of, get_backend
+from miniresnet.backends import BACKEND_NAMES, Backend, backend_of, get_backend, is_available
 
 _current: list[Backend | None] = [None]
+
+
+def _backend_from_environment() -> str:
+    """``MINIRESNET_BACKEND`` (default ``"numpy"``), checked when miniresnet is imported so that
+    a typo fails at once rather than at the first array."""
+    name = os.environ.get("MINIRESNET_BACKEND", "numpy")
+    ok, why = is_available(name)
+    if not ok:
+        if name in BACKEND_NAMES:
+            why += f"; the other valid names are {', '.join(n for n in BACKEND_NAMES if n != name)}"
+        raise ImportError(f"miniresnet: the environment variable MINIRESNET_BACKEND={name!r} "
+                          f"names no usable backend: {why}")
+    return name
+
+
+_ENVIRONMENT_BACKEND = _backend_from_environment()
 
 
 def current_backend() -> Backend:
     """The backend new tensors are created on (``MINIRESNET_BACKEND``, default ``"numpy"``)."""
     if _current[0] is None:
-        _current[0] = get_backend(os.environ.get("MINIRESNET_BACKEND", "numpy"))
+        _current[0] = get_backend(_ENVIRONMENT_BACKEND)
     return _current[0]
 
 

@@ -18,6 +18,7 @@ Nothing here recurses over the graph: the reverse pass uses an iterative topolog
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -343,6 +344,12 @@ def _evaluate(prim: Primitive, args, params) -> Tensor:
     if array_type is None:
         raise TypeError(f"{prim.name}: needs at least one array argument, got {args!r}")
     xp = backend_of(first).xp
+    if _state["anomaly"]:
+        # every op's result is checked, so a non-finite argument came in from outside
+        for i, r in enumerate(raws):
+            check_input_finite(repr(prim.name), r, f"argument {i} {_describe(r)}",
+                               "; no op under detect_anomaly produced it, so it is an input, "
+                               "a parameter or a constant")
     out = prim.impl(xp, *raws, **params)
     if type(out) is not array_type:  # NumPy turns 0-d results into scalars
         out = xp.asarray(out)
@@ -368,11 +375,39 @@ def raise_mixed_backends(prim: Primitive, args) -> None:
     )
 
 
-def _check_finite(prim, xp, out, raws) -> None:
-    if not xp.isdtype(out.dtype, "real floating") or bool(xp.all(xp.isfinite(out))):
+def _nonfinite(x) -> str | None:
+    """``"nan"`` or ``"inf"`` if the raw array or Python scalar ``x`` holds one, else None."""
+    if type(x) in _SCALARS:
+        return None if math.isfinite(x) else ("nan" if math.isnan(x) else "inf")
+    xp = backend_of(x).xp
+    if not xp.isdtype(x.dtype, "real floating") or bool(xp.all(xp.isfinite(x))):
+        return None
+    return "nan" if bool(xp.any(xp.isnan(x))) else "inf"
+
+
+def _describe(x) -> str:
+    return str(tuple(x.shape)) if hasattr(x, "shape") else repr(x)
+
+
+def check_input_finite(where: str, x, what: str, why: str = "") -> None:
+    """Under :func:`detect_anomaly`, raise ``FloatingPointError`` if the input ``x`` (a Tensor,
+    raw array or Python scalar) holds NaN or inf, naming ``where`` and ``what``."""
+    if not _state["anomaly"]:
         return
-    kind = "nan" if bool(xp.any(xp.isnan(out))) else "inf"
-    shapes = ", ".join(str(tuple(r.shape)) if hasattr(r, "shape") else repr(r) for r in raws)
+    raw = x.raw if type(x) is Tensor else x
+    try:
+        kind = _nonfinite(raw)
+    except TypeError:  # not an array: nothing to check
+        return
+    if kind is not None:
+        raise FloatingPointError(f"anomaly: {where}: {what} holds {kind}{why}")
+
+
+def _check_finite(prim, xp, out, raws) -> None:
+    kind = _nonfinite(out)
+    if kind is None:
+        return
+    shapes = ", ".join(_describe(r) for r in raws)
     where = _state["backward_op"]
     phase = f"backward pass (derivative rule of '{where}')" if where else "forward pass"
     raise FloatingPointError(
@@ -460,6 +495,27 @@ def no_grad() -> Iterator[None]:
         _state["floor"] = old
 
 
+@contextlib.contextmanager
+def eager_tape_off() -> Iterator[None]:
+    """Inside this context the eager tape records nothing; transforms (levels above it) still
+    do. Transforms run their function under it unless an argument is on the eager tape."""
+    old = _state["floor"]
+    _state["floor"] = max(old, EAGER_LEVEL + 1)
+    try:
+        yield
+    finally:
+        _state["floor"] = old
+
+
+def is_on_eager_tape(x) -> bool:
+    """Whether ``x`` is a Tensor recorded on the eager tape (at any depth of nesting)."""
+    while type(x) is Tensor and x._level:
+        if x._level == EAGER_LEVEL:
+            return x._level >= _state["floor"]
+        x = x._value
+    return False
+
+
 def is_grad_enabled() -> bool:
     """Whether the eager tape records (False inside :func:`no_grad`)."""
     return _state["floor"] <= EAGER_LEVEL
@@ -467,8 +523,9 @@ def is_grad_enabled() -> bool:
 
 @contextlib.contextmanager
 def detect_anomaly() -> Iterator[None]:
-    """Raise ``FloatingPointError`` naming the first op that produces NaN or inf, forward or
-    backward (opt-in: it costs a device-to-host check per op)."""
+    """Raise ``FloatingPointError`` naming where a NaN or inf first appears: the transform
+    argument, cotangent or op argument that brought it in from outside, or else the first op
+    that produced it, forward or backward (opt-in: it costs device-to-host checks per op)."""
     old = _state["anomaly"]
     _state["anomaly"] = True
     try:

@@ -1,12 +1,19 @@
 """Function transforms, named as in JAX and torch.func: grad, vjp, jvp, jacobian, hvp.
 
-They accept backend arrays or Tensors and return backend arrays. Used inside another transform
-(or on functions of tensors with ``requires_grad=True``) they return Tensors instead, still
-traced, so that transforms nest: ``grad(grad(f))`` is the second derivative.
+They accept backend arrays or Tensors and return backend arrays. One rule decides when they
+return Tensors instead: a transform differentiates with respect to its own arguments, and the
+eager tape records inside it only if one of its arguments is on that tape (a Tensor with
+``requires_grad=True``, or computed from one). Tensors with ``requires_grad=True`` that ``f``
+merely closes over, such as a model's parameters, are constants there: nothing is recorded for
+them and the result is a backend array. A result is a Tensor only while something still traces
+it: an enclosing transform (so that ``grad(grad(f))`` is the second derivative) or, through an
+argument, the eager tape.
 """
 
 from __future__ import annotations
 
+import contextlib
+import operator
 from collections.abc import Callable, Sequence
 
 from miniresnet import ops
@@ -15,7 +22,10 @@ from miniresnet.tracing import (
     Tensor,
     as_tensor,
     backward_pass,
+    check_input_finite,
+    eager_tape_off,
     finalize,
+    is_on_eager_tape,
     leaf_node,
     make,
     new_level,
@@ -23,27 +33,52 @@ from miniresnet.tracing import (
 )
 
 
-def _argnums(argnums, nargs: int, name: str) -> tuple[int, ...]:
-    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+def _check_argnums(argnums, name: str) -> tuple[int, ...]:
+    """``argnums`` as a tuple of ints (repeats and negative positions kept), or a TypeError."""
+    nums = tuple(argnums) if isinstance(argnums, (tuple, list)) else (argnums,)
+    if not nums:
+        raise ValueError(f"{name}: argnums is empty; give an int or a tuple of ints")
+    try:
+        if any(isinstance(i, bool) for i in nums):
+            raise TypeError
+        return tuple(operator.index(i) for i in nums)
+    except TypeError:
+        raise TypeError(f"{name}: argnums must be an int or a tuple of ints, got {argnums!r}"
+                        ) from None
+
+
+def _positions(nums: tuple[int, ...], nargs: int, name: str) -> tuple[int, ...]:
     for i in nums:
         if not -nargs <= i < nargs:
-            raise ValueError(f"{name}: argnums {argnums} out of range for {nargs} arguments")
+            raise ValueError(f"{name}: argnums {nums} out of range for {nargs} arguments "
+                             f"(valid: {-nargs} to {nargs - 1})")
     return tuple(i % nargs for i in nums)
 
 
-def _partial(f: Callable, args: tuple, nums: tuple[int, ...]) -> Callable:
-    """``f`` as a function of the arguments ``nums``; the others (arrays become Tensors, so
-    that ``f`` sees Tensors everywhere) are held fixed."""
-    args = tuple(a if isinstance(a, Tensor) or known_backend(a) is None else as_tensor(a)
-                 for a in args)
+def _differentiate(name: str, f: Callable, args: tuple, nums: tuple[int, ...]):
+    """``vjp`` of ``f`` in the arguments ``nums`` (each once, however often it is named), the
+    others held fixed; returns ``(out, vjp_fn)`` with ``vjp_fn`` giving one result per entry of
+    ``nums``, so a repeated argnum gets the same derivative in each of its slots."""
+    for i, a in enumerate(args):
+        check_input_finite(name, a, f"argument {i}")
+    unique = tuple(dict.fromkeys(nums))
+    fixed = tuple(a if isinstance(a, Tensor) or known_backend(a) is None else as_tensor(a)
+                  for a in args)  # arrays become Tensors, so that f sees Tensors everywhere
 
     def g(*diff):
-        full = list(args)
-        for i, d in zip(nums, diff):
+        full = list(fixed)
+        for i, d in zip(unique, diff):
             full[i] = d
         return f(*full)
 
-    return g
+    out, vjp_fn = _vjp(g, tuple(args[i] for i in unique), any(map(is_on_eager_tape, args)))
+    slot = {i: k for k, i in enumerate(unique)}
+
+    def vjp_in_order(cotangent):
+        results = vjp_fn(cotangent)
+        return tuple(results[slot[i]] for i in nums)
+
+    return out, vjp_in_order
 
 
 def _check_float(name: str, x: Tensor, what: str) -> None:
@@ -79,12 +114,19 @@ def vjp(f: Callable, *primals):
     array([[2., 0.],
            [0., 4.]])
     """
+    return _vjp(f, primals, any(map(is_on_eager_tape, primals)))
+
+
+def _vjp(f: Callable, primals: Sequence, record_eager: bool):
     level = new_level()
     inputs = [as_tensor(p) for p in primals]
-    for x in inputs:
+    for k, x in enumerate(inputs):
         _check_float("vjp", x, "every primal")
+        check_input_finite("vjp", x, f"primal {k}")
+    scope = contextlib.nullcontext if record_eager else eager_tape_off
     nodes = [leaf_node() for _ in inputs]
-    out = _output("vjp", f(*(make(x, level, n) for x, n in zip(inputs, nodes))))
+    with scope():
+        out = _output("vjp", f(*(make(x, level, n) for x, n in zip(inputs, nodes))))
     root = out._node if out._level == level else None
     value = out._value if root is not None else out
     order = toposort(root) if root is not None else None
@@ -99,7 +141,9 @@ def vjp(f: Callable, *primals):
             )
         if ct.dtype != value.dtype:
             raise TypeError(f"vjp_fn: cotangent dtype {ct.dtype} != output dtype {value.dtype}")
-        leaves = backward_pass(root, ct, order) if root is not None else {}
+        check_input_finite("vjp_fn", ct, "the cotangent")
+        with scope():
+            leaves = backward_pass(root, ct, order) if root is not None else {}
         batch = ct.shape[:k]
         results = []
         for x, node in zip(inputs, nodes):
@@ -116,10 +160,11 @@ def vjp(f: Callable, *primals):
 
 def value_and_grad(f: Callable, argnums: int | Sequence[int] = 0) -> Callable:
     """Like :func:`grad`, but the returned function gives ``(f(*args), gradient)``."""
+    nums = _check_argnums(argnums, "grad")
+    single = not isinstance(argnums, (tuple, list))
 
     def wrapped(*args):
-        nums = _argnums(argnums, len(args), "grad")
-        out, vjp_fn = vjp(_partial(f, args, nums), *(args[i] for i in nums))
+        out, vjp_fn = _differentiate("grad", f, args, _positions(nums, len(args), "grad"))
         out_t = as_tensor(out)
         if out_t.size != 1:
             raise ValueError(
@@ -127,7 +172,7 @@ def value_and_grad(f: Callable, argnums: int | Sequence[int] = 0) -> Callable:
                 "jacobian for non-scalar outputs"
             )
         grads = vjp_fn(ops.ones_like(out_t))
-        return out, grads[0] if isinstance(argnums, int) else grads
+        return out, grads[0] if single else grads
 
     return wrapped
 
@@ -159,15 +204,19 @@ def jvp(f: Callable, primals: Sequence, tangents: Sequence):
         raise ValueError(f"jvp: {len(primals)} primals but {len(tangents)} tangents")
     level = new_level()
     xs = []
-    for p, t in zip(primals, tangents):
+    for k, (p, t) in enumerate(zip(primals, tangents)):
         p, t = as_tensor(p), as_tensor(t)
         _check_float("jvp", p, "every primal")
+        check_input_finite("jvp", p, f"primal {k}")
+        check_input_finite("jvp", t, f"tangent {k}")
         if p.shape != t.shape or p.dtype != t.dtype:
             raise ValueError(
                 f"jvp: tangent {t.shape} {t.dtype} does not match primal {p.shape} {p.dtype}"
             )
         xs.append(make(p, level, None, t))
-    out = f(*xs)
+    record_eager = any(map(is_on_eager_tape, (*primals, *tangents)))
+    with contextlib.nullcontext() if record_eager else eager_tape_off():
+        out = f(*xs)
 
     def split(o):
         o = _output("jvp", o)
@@ -192,9 +241,12 @@ def jacobian(f: Callable, argnums: int | Sequence[int] = 0, *, chunk_size: int |
     as many as fit a few million numbers), not one pass per output element.
     """
 
+    given = _check_argnums(argnums, "jacobian")
+    single = not isinstance(argnums, (tuple, list))
+
     def wrapped(*args):
-        nums = _argnums(argnums, len(args), "jacobian")
-        out, vjp_fn = vjp(_partial(f, args, nums), *(args[i] for i in nums))
+        nums = _positions(given, len(args), "jacobian")
+        out, vjp_fn = _differentiate("jacobian", f, args, nums)
         out_t = as_tensor(out)
         xs = [as_tensor(args[i]) for i in nums]
         n = out_t.size
@@ -210,7 +262,7 @@ def jacobian(f: Callable, argnums: int | Sequence[int] = 0, *, chunk_size: int |
             finalize(ops.reshape(ops.concat(b, 0) if len(b) > 1 else b[0], out_t.shape + x.shape))
             for b, x in zip(blocks, xs)
         )
-        return jacs[0] if isinstance(argnums, int) else jacs
+        return jacs[0] if single else jacs
 
     return wrapped
 
