@@ -39,6 +39,10 @@ from miniresnet.config import current_backend
 
 __all__ = ["Dataset", "batches", "grid_1d", "load_digits", "load_npz", "stratified_split"]
 
+MAX_MEMBER_BYTES = 2**32
+"""The most bytes one array of a :func:`load_npz` file may declare (4 GiB), checked before it
+is read."""
+_INT64_END = 2**63
 _FLOAT_DTYPES = ("float32", "float64")
 _REQUIRED_KEYS = ("x", "y")
 _OPTIONAL_KEYS = ("x_test", "y_test")
@@ -202,36 +206,67 @@ def _host(a: Any) -> np.ndarray:
 
 def _finish(
     name: str,
-    x: np.ndarray,
-    y: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
+    parts: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     num_classes: int,
     dtype: str,
     normalize: bool,
     backend: Backend,
+    where: str,
+    keys: tuple[str, str],
 ) -> Dataset:
-    """Normalise with train statistics (float64 on the host), cast, move to ``backend``."""
-    x = x.astype(np.float64)
-    x_test = x_test.astype(np.float64)
+    """Normalise with train statistics (float64 on the host), check, cast, move to ``backend``.
+
+    ``keys`` name the sources of the train and test inputs in error messages.
+    """
+    x, y, x_test, y_test = parts
+    with np.errstate(over="ignore"):  # a longdouble beyond float64 becomes inf, reported below
+        h, h_test = x.astype(np.float64), x_test.astype(np.float64)
+    for key, raw, values in ((keys[0], x, h), (keys[1], x_test, h_test)):
+        _check_range(values, raw, key, "float64", where, None)
     mean, std = 0.0, 1.0
     if normalize:
-        mean, std = float(np.mean(x)), float(np.std(x))
+        # Statistics of the inputs scaled by a power of two into [-1, 1]: no sum can overflow,
+        # and the scaling is exact, so ordinary data gives the same bits as unscaled arithmetic.
+        e = int(np.frexp(np.max(np.abs(h)))[1])
+        h, h_test = np.ldexp(h, -e), np.ldexp(h_test, -e)
+        scaled_mean, scaled_std = np.mean(h), np.std(h)
+        mean, std = float(np.ldexp(scaled_mean, e)), float(np.ldexp(scaled_std, e))
         if not std > 0.0:
             raise ValueError(
-                f"{name}: every training input equals {mean!r}, so the standard deviation is 0 "
+                f"{where}: every training input equals {mean!r}, so the standard deviation is 0 "
                 f"and the inputs cannot be normalised; pass normalize=False"
             )
-        x, x_test = (x - mean) / std, (x_test - mean) / std
+        h, h_test = (h - scaled_mean) / scaled_std, (h_test - scaled_mean) / scaled_std
+    for key, raw, values in ((keys[0], x, h), (keys[1], x_test, h_test)):
+        _check_range(values, raw, key, dtype, where, (mean, std) if normalize else None)
     return Dataset(
-        x_train=backend.asarray(x.astype(dtype), dtype),
+        x_train=backend.asarray(h.astype(dtype), dtype),
         y_train=backend.asarray(y.astype(np.int64), "int64"),
-        x_test=backend.asarray(x_test.astype(dtype), dtype),
+        x_test=backend.asarray(h_test.astype(dtype), dtype),
         y_test=backend.asarray(y_test.astype(np.int64), "int64"),
         num_classes=int(num_classes),
         name=name,
         mean=mean,
         std=std,
+    )
+
+
+def _check_range(
+    values: np.ndarray, raw: np.ndarray, key: str, dtype: str, where: str,
+    stats: tuple[float, float] | None,
+) -> None:
+    """Raise unless every float64 value fits in ``dtype`` (``raw``: the same before scaling)."""
+    limit = float(np.finfo(dtype).max)
+    bad = np.flatnonzero(~(np.abs(values) <= limit))
+    if not bad.size:
+        return
+    i = np.unravel_index(bad[0], values.shape)
+    became = "" if stats is None else (
+        f" that becomes {values[i].item()!r} when normalised with the training mean "
+        f"{stats[0]!r} and standard deviation {stats[1]!r},")
+    raise ValueError(
+        f"{where}: {key!r} has a value {raw[i].item()!r}{became} beyond the range of {dtype} "
+        f"(largest {limit:.8g}); inputs must fit in the dtype asked for"
     )
 
 
@@ -300,7 +335,8 @@ def load_digits(
     seed = _int(seed, "seed", "load_digits", 0)
     images, labels = _digits_arrays()
     parts = _split(images[:, None, :, :], labels, fraction, seed)
-    return _finish("digits", *parts, 10, dtype, True, _backend(backend))
+    return _finish("digits", parts, 10, dtype, True, _backend(backend), "load_digits",
+                   ("images", "images"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -368,6 +404,9 @@ def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise ValueError(
                 f"load_npz: {shown!r} has {have!r} but no {lack!r}; a test set needs both"
             )
+        names = set(loaded.zip.namelist())
+        for key in found:  # every declared size checked before any array is read
+            _check_member(loaded.zip, key if key in names else key + ".npy", key, shown)
         arrays = {}
         for key in found:
             try:
@@ -378,6 +417,34 @@ def _read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
                     f"numeric (object arrays would need pickle, which is not allowed)"
                 ) from e
     return arrays
+
+
+def _check_member(archive: zipfile.ZipFile, member: str, key: str, shown: str) -> None:
+    """Read the ``.npy`` header of ``member`` and bound the bytes it declares, before reading."""
+    fmt = np.lib.format
+    info = archive.getinfo(member)
+    try:
+        with archive.open(info) as f:
+            version = fmt.read_magic(f)
+            if version not in ((1, 0), (2, 0), (3, 0)):
+                raise ValueError(f".npy format version {version}; expected 1.0, 2.0 or 3.0")
+            # 3.0 differs from 2.0 only by UTF-8 field names, which only record dtypes have
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(f)
+            available = info.file_size - f.tell()
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"load_npz: cannot read the header of array {key!r} of {shown!r} "
+                         f"({e})") from e
+    declared = math.prod(shape) * dtype.itemsize
+    what = f"load_npz: array {key!r} of {shown!r} declares shape {shape} of {dtype}"
+    if min(shape, default=0) < 0:
+        raise ValueError(f"{what}: a negative length")
+    if declared > MAX_MEMBER_BYTES:
+        raise ValueError(f"{what}, {declared} bytes, more than the {MAX_MEMBER_BYTES} bytes "
+                         f"one array may have (miniresnet.data.MAX_MEMBER_BYTES)")
+    if declared > available:
+        raise ValueError(f"{what}, {declared} bytes, but the archive member holds only "
+                         f"{available} bytes of data; the file is damaged")
 
 
 def _check_x(x: np.ndarray, key: str, where: str) -> None:
@@ -420,6 +487,10 @@ def _check_y(y: np.ndarray, key: str, n: int, x_key: str, where: str) -> np.ndar
         i = int(np.argmin(y))
         raise ValueError(f"{where}: {key!r} has a negative label {key}[{i}] = {y[i].item()!r}; "
                          f"labels must be 0 .. num_classes - 1")
+    if y.size and y.max().item() >= _INT64_END:  # exact comparison of a Python int or float
+        i = int(np.argmax(y))
+        raise ValueError(f"{where}: {key!r} has a label {key}[{i}] = {y[i].item()!r} that does "
+                         f"not fit in int64; labels must be 0 .. num_classes - 1")
     return y.astype(np.int64)
 
 
@@ -438,11 +509,17 @@ def load_npz(
     The file (read with ``allow_pickle=False``) must hold exactly ``x`` and ``y``, and may also
     hold ``x_test`` and ``y_test``:
 
-    * ``x``: real numbers of shape (N, C, H, W) or (N, D), N >= 1, no NaN or inf;
+    * ``x``: real numbers of shape (N, C, H, W) or (N, D), N >= 1, no NaN or inf, and every
+      input (after normalisation, if asked for) within the range of ``dtype``;
     * ``y``: N class labels, 1-D, integer dtype; floats are accepted when every value is a
       whole number (as written by tools that store everything as float), booleans are not;
-      labels must be >= 0 and, if ``num_classes`` is given, < ``num_classes``.
+      labels must be >= 0, < 2**63 and, if ``num_classes`` is given, < ``num_classes``.
     * ``x_test`` / ``y_test``: the same rules, with the trailing shape of ``x``.
+
+    The file is untrusted: before any array is read, the size its header declares is checked
+    against the bytes stored for it and against :data:`MAX_MEMBER_BYTES` (4 GiB). The mean and
+    standard deviation are computed so that no sum overflows, even for inputs near the largest
+    float64.
 
     Parameters
     ----------
@@ -473,8 +550,8 @@ def load_npz(
     FileNotFoundError
         If ``path`` does not exist.
     ValueError
-        If the file or its contents break the rules above; the message says what was found and
-        what is expected.
+        If the file or its contents break the rules above; the message names the file, the
+        array and the offending value, and says what is expected.
     """
     where = "load_npz"
     dtype = _float_dtype(dtype, where)
@@ -483,10 +560,11 @@ def load_npz(
     if num_classes is not None:
         num_classes = _int(num_classes, "num_classes", where, 1)
     arrays = _read_npz(path)
+    where = f"{where}: {os.fspath(path)!r}"
     x, y = arrays["x"], arrays["y"]
     _check_x(x, "x", where)
     y = _check_y(y, "y", x.shape[0], "x", where)
-    labels = [y]
+    labels = {"y": y}
     if "x_test" in arrays:
         if fraction is not None:
             raise ValueError(
@@ -501,20 +579,21 @@ def load_npz(
                 f"have {x.shape[1:]}; they must match"
             )
         y_test = _check_y(arrays["y_test"], "y_test", x_test.shape[0], "x_test", where)
-        labels.append(y_test)
-        parts = (x, y, x_test, y_test)
+        labels["y_test"] = y_test
+        parts, keys = (x, y, x_test, y_test), ("x", "x_test")
     else:
-        parts = _split(x, y, fraction, seed)
-    top = max(int(lab.max()) for lab in labels)
+        parts, keys = _split(x, y, fraction, seed), ("x", "x")
     if num_classes is None:
-        num_classes = top + 1
-    elif top >= num_classes:
-        raise ValueError(
-            f"{where}: label {top} is out of range for num_classes={num_classes}; labels must be "
-            f"0 .. {num_classes - 1}"
-        )
+        num_classes = max(int(lab.max()) for lab in labels.values()) + 1
+    for key, lab in labels.items():
+        i = int(np.argmax(lab))
+        if lab[i] >= num_classes:
+            raise ValueError(
+                f"{where}: label {key}[{i}] = {int(lab[i])} is out of range for "
+                f"num_classes={num_classes}; labels must be 0 .. {num_classes - 1}"
+            )
     name = os.path.splitext(os.path.basename(os.fspath(path)))[0]
-    return _finish(name, *parts, num_classes, dtype, normalize, _backend(backend))
+    return _finish(name, parts, num_classes, dtype, normalize, _backend(backend), where, keys)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -233,7 +233,8 @@ NPZ_ERRORS = {
     "object labels": ({"x": x4, "y": obj}, {}, "cannot read array 'y'.*pickle"),
     "negative": ({"x": x4, "y": [0, -3, 0, 1]}, {}, r"negative label y\[1\] = .*-3"),
     "too large": ({"x": x4, "y": [0, 1, 0, 7]}, {"num_classes": 3},
-                  "label 7 is out of range for num_classes=3; labels must be 0 .. 2"),
+                  r"'.*data.npz': label y\[3\] = 7 is out of range for num_classes=3; labels "
+                  r"must be 0 .. 2"),
     "nan": ({"x": nan_x, "y": y4}, {}, r"'x' has 1 non-finite value\(s\) \(NaN or inf\), first "
             r"at index \(2, 1, 0, 0\): .*nan"),
     "inf": ({"x": inf_x, "y": y4}, {}, r"non-finite value.*index \(0, 0, 0, 0\): .*-inf"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -33,18 +34,21 @@ class Module:
     # -- registration -----------------------------------------------------------------------
     def __setattr__(self, name: str, value) -> None:
         if isinstance(value, Module):
-            self._discard(name)
-            self._modules[name] = value
+            table = self._modules
         elif name in self._buffers:
-            self._buffers[name] = None if value is None else as_tensor(value)
+            table, value = self._buffers, None if value is None else as_tensor(value)
         elif isinstance(value, Tensor) and value.requires_grad and value.is_leaf:
-            self._discard(name)
-            self._parameters[name] = value
+            table = self._parameters
         elif value is None and name in self._parameters:
-            self._parameters[name] = None
+            table = self._parameters
         else:
             self._discard(name)
             object.__setattr__(self, name, value)
+            return
+        if name not in table:  # a new name goes last; a re-assigned one keeps its place
+            self._discard(name)
+            self.__dict__.pop(name, None)  # a plain attribute would shadow the registration
+        table[name] = value
 
     def _discard(self, name: str) -> None:
         for table in (self._parameters, self._buffers, self._modules):
@@ -203,7 +207,13 @@ class Module:
 
 
 class Sequential(Module):
-    """Modules applied in order; indexable and iterable."""
+    """Modules applied in order, named ``"0"``, ``"1"``, ...; indexable, sliceable, iterable.
+
+    ``seq[i] = m`` replaces the module at position ``i`` (negative indices count from the end)
+    and keeps its name and place. ``seq[i:j]`` is a new ``Sequential`` of the *same* module
+    objects (shared, not copied: a change to one is a change to the other), renamed ``"0"``,
+    ``"1"``, ... so that its state dict matches ``Sequential(*modules)``.
+    """
 
     def __init__(self, *modules: Module) -> None:
         super().__init__()
@@ -216,11 +226,40 @@ class Sequential(Module):
     def __iter__(self) -> Iterator[Module]:
         return iter(self._modules.values())
 
-    def __getitem__(self, index: int) -> Module:
-        return list(self._modules.values())[index]
+    def _key(self, index) -> str:
+        """The name of the module at ``index`` (an integer, negative counting from the end)."""
+        try:
+            i = operator.index(index)
+        except TypeError:
+            raise TypeError(f"Sequential indices must be integers or slices, got "
+                            f"{type(index).__name__} {index!r}") from None
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(f"Sequential index {i} is out of range for length {n}")
+        return list(self._modules)[i]
+
+    def __getitem__(self, index: int | slice) -> Module:
+        if isinstance(index, slice):
+            part = Sequential(*list(self._modules.values())[index])
+            object.__setattr__(part, "training", self.training)
+            return part
+        return self._modules[self._key(index)]
+
+    def __setitem__(self, index: int, module: Module) -> None:
+        if isinstance(index, slice):
+            raise TypeError("Sequential takes one module at a time (seq[i] = module), not a "
+                            "slice")
+        if not isinstance(module, Module):
+            raise TypeError(f"Sequential items must be Modules, got {type(module).__name__}")
+        self._modules[self._key(index)] = module
 
     def append(self, module: Module) -> Sequential:
-        setattr(self, str(len(self)), module)
+        if not isinstance(module, Module):
+            raise TypeError(f"Sequential items must be Modules, got {type(module).__name__}")
+        i = len(self)
+        while str(i) in self._modules:  # after a deletion the names need not be 0 .. n-1
+            i += 1
+        self._modules[str(i)] = module
         return self
 
     def forward(self, x):
