@@ -1,28 +1,30 @@
 """Checkpoints: a model's weights and buffers, an optimiser's state and metadata in one
-pickle-free ``.npz`` file, written atomically.
+safetensors file (``.safetensors``), written atomically and readable by any safetensors tool.
 
-Layout of a checkpoint (format version 1), an ``.npz`` archive readable with
-``numpy.load(path, allow_pickle=False)``:
+Layout (format version 2): tensors ``model/<name>`` (``model.state_dict()``, dtype kept) and
+``optimizer/<key>`` (arrays as they are; ints, floats and bools as 0-d int64, float64 and bool
+tensors; strings as 1-d UTF-8 uint8 tensors; ``None`` entries only in the metadata), and two
+metadata strings: ``"miniresnet"``, a JSON object with ``format`` (``"miniresnet-checkpoint"``),
+``version``, ``config`` (the model's, from which :func:`miniresnet.nn.build_model` rebuilds it,
+or null), ``epoch``, ``extra``, ``model_keys`` (state-dict order), ``optimizer`` (null, or the
+kind of every entry: ``"array"``, ``"int"``, ``"float"``, ``"bool"``, ``"str"``, ``"none"``),
+``backend`` and ``miniresnet_version``; and ``"sha256"``, the SHA-256 digest of that object
+(canonical JSON) and of every tensor (name, dtype, shape, bytes; in name order).
 
-``meta``
-    0-d unicode array holding a JSON object: ``format`` (``"miniresnet-checkpoint"``),
-    ``version`` (1), ``config`` (the model's ``config``, from which
-    :func:`miniresnet.nn.build_model` rebuilds it, or null), ``epoch``, ``extra``,
-    ``model_keys`` (the state-dict names, in order), ``optimizer`` (null, or the kind of every
-    optimiser entry: ``"array"``, ``"int"``, ``"float"``, ``"bool"``, ``"str"`` or
-    ``"none"``), ``backend`` and ``miniresnet_version`` (informational).
-``model/<name>``
-    Every parameter and buffer of the model (``model.state_dict()``), dtype kept.
-``optimizer/<key>``
-    Every optimiser entry except ``None`` ones: arrays as they are, Python scalars as 0-d int64,
-    float64, bool or unicode arrays whose Python type is restored from ``meta``.
+Checkpoints are files people exchange, so loading trusts nothing in them and never runs code
+or unpickles. safetensors checks the header against the file's size; the config is checked
+(:func:`~miniresnet.nn.models.validate_config`) and the state it implies, computed in closed
+form, is compared with the stored tensors' names, shapes and dtypes before any tensor is read or
+layer built; then the digest is verified. The digest detects corruption and accidental edits,
+not a forger, who can recompute it. Format-1 ``.npz`` checkpoints still load, with a warning
+that they carry no digest.
 
 Examples
 --------
 >>> import os, tempfile
 >>> from miniresnet import nn
 >>> from miniresnet.checkpoint import load_checkpoint, save_checkpoint
->>> path = os.path.join(tempfile.mkdtemp(), "mlp.npz")
+>>> path = os.path.join(tempfile.mkdtemp(), "mlp.safetensors")
 >>> save_checkpoint(path, nn.mlp(2, 8), epoch=3, extra={"lr": 0.1})
 >>> ckpt = load_checkpoint(path)          # rebuilds the model from its saved config
 >>> ckpt.epoch, ckpt.extra, type(ckpt.model).__name__
@@ -33,23 +35,33 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
+import hashlib
 import json
+import math
 import os
+import re
+import secrets
 import stat
-import tempfile
 import warnings
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 from numpy.lib import format as npy_format
+from safetensors import SafetensorError, safe_open
 
 from miniresnet.backends import Backend, backend_of
 from miniresnet.config import current_backend, to_numpy
-from miniresnet.nn.models import build_model
+from miniresnet.nn.models import (
+    build_model,
+    short_repr,
+    state_count,
+    state_shapes,
+    validate_config,
+)
 from miniresnet.nn.module import Module
 from miniresnet.tracing import Tensor
 
@@ -57,12 +69,14 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "CheckpointError", "load_ch
            "save_checkpoint"]
 
 FORMAT = "miniresnet-checkpoint"
-FORMAT_VERSION = 1
-_READABLE_VERSIONS = (1,)
+FORMAT_VERSION = 2
 _KINDS = ("array", "int", "float", "bool", "str", "none")
-_META = "meta"
 _MODEL = "model/"
 _OPTIMIZER = "optimizer/"
+_DTYPES = {  # safetensors' names of the dtypes it shares with NumPy
+    "BOOL": "bool", "I8": "int8", "U8": "uint8", "I16": "int16", "U16": "uint16", "I32": "int32",
+    "U32": "uint32", "I64": "int64", "U64": "uint64", "F16": "float16", "F32": "float32",
+    "F64": "float64", "C64": "complex64"}
 
 
 class CheckpointError(ValueError):
@@ -94,6 +108,24 @@ class Checkpoint:
     optimizer_state: dict[str, Any] | None
 
 
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _little_endian(array: np.ndarray) -> np.ndarray:
+    return np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
+
+
+def _digest(meta: dict, arrays: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 of the canonical metadata and of every array (name, dtype, shape, bytes)."""
+    h = hashlib.sha256(_canonical(meta))
+    for name in sorted(arrays):
+        array = _little_endian(arrays[name])
+        h.update(_canonical([name, array.dtype.name, list(array.shape)]))
+        h.update(array)
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------
 # saving
 # ----------------------------------------------------------------------------------------------
@@ -118,9 +150,7 @@ def _to_json(value: Any, what: str) -> Any:
 
 def _host_array(value: Any, what: str) -> np.ndarray:
     raw = value.raw if isinstance(value, Tensor) else value
-    if isinstance(raw, np.ndarray):
-        host = np.array(raw, copy=True)
-    else:
+    if not isinstance(raw, np.ndarray):
         try:
             backend_of(raw)
         except TypeError:
@@ -128,11 +158,11 @@ def _host_array(value: Any, what: str) -> np.ndarray:
                 f"save_checkpoint: {what} is a {type(value).__name__}; valid values are arrays "
                 f"of a backend, NumPy arrays, Tensors, int, float, bool, str and None"
             ) from None
-        host = to_numpy(raw)
-    if host.dtype.kind not in "biufc":
-        raise TypeError(f"save_checkpoint: {what} has dtype {host.dtype}; only numeric and "
-                        f"boolean arrays can be stored")
-    return host
+        raw = to_numpy(raw)
+    if raw.dtype.name not in _DTYPES.values():
+        raise TypeError(f"save_checkpoint: {what} has dtype {raw.dtype}; valid dtypes: "
+                        f"{', '.join(_DTYPES.values())}")
+    return _little_endian(raw)
 
 
 def _optimizer_entries(state: Any) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -157,10 +187,11 @@ def _optimizer_entries(state: Any) -> tuple[dict[str, np.ndarray], dict[str, str
         elif isinstance(value, float | np.floating):
             kind, host = "float", np.array(float(value), dtype=np.float64)
         elif isinstance(value, str):
-            kind, host = "str", np.array(value, dtype=np.str_)
-            if str(host[()]) != value:  # NumPy drops trailing NUL characters
-                raise ValueError(f"save_checkpoint: {what} ends in NUL characters, which an "
-                                 f".npz file cannot keep")
+            try:
+                kind, host = "str", np.frombuffer(value.encode(), dtype=np.uint8)
+            except UnicodeEncodeError as e:
+                raise ValueError(f"save_checkpoint: {what} cannot be encoded as UTF-8 "
+                                 f"({e})") from None
         else:
             kind, host = "array", _host_array(value, what)
         kinds[key] = kind
@@ -176,72 +207,63 @@ def _model_backend(model: Module) -> Backend:
     return current_backend()
 
 
-def _target_mode(path: Path) -> int:
-    """Permissions for the new file: those of the file it replaces, else 0o666 minus umask."""
-    try:
-        return stat.S_IMODE(os.stat(path).st_mode)
-    except FileNotFoundError:
-        return 0o666 & ~_umask()
-
-
-@functools.cache
-def _umask() -> int:
-    try:  # Linux: read it without changing it
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _write_npz(file: Any, arrays: Mapping[str, np.ndarray]) -> None:
-    """An uncompressed ``.npz`` archive, as ``numpy.savez`` writes, but never with pickles."""
-    with zipfile.ZipFile(file, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for key, array in arrays.items():
-            with zf.open(key + ".npy", mode="w", force_zip64=True) as member:
-                npy_format.write_array(member, array, allow_pickle=False)
-
-
 def _fsync_directory(directory: Path) -> None:
     """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write to a temporary file beside ``path``, fsync it, then rename it onto ``path``.
-
-    On any error the temporary file is removed and an existing ``path`` is untouched.
-    """
-    mode = _target_mode(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
         try:
-            f = os.fdopen(fd, "wb")
-        except BaseException:
+            os.fsync(fd)
+        finally:
             os.close(fd)
-            raise
-        with f:
-            _write_npz(f, arrays)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete the temporary files of saves to ``path`` whose process no longer exists (killed
+    mid-write); those of live processes may still be in use and are kept."""
+    if os.name != "posix":  # elsewhere os.kill(pid, 0) does not test, it terminates
+        return
+    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d{1,10})\.[0-9a-f]+\.tmp")
+    with contextlib.suppress(OSError):
+        for name in os.listdir(path.parent):
+            if (match := pattern.fullmatch(name)) is None:
+                continue
+            try:
+                os.kill(int(match.group(1)), 0)
+            except ProcessLookupError:
+                with contextlib.suppress(OSError):
+                    os.unlink(path.parent / name)
+            except (OSError, OverflowError):  # alive but not ours, or not a process id
+                pass
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` named after this process, fsync it,
+    then rename it onto ``path``.
+
+    On any error the temporary file is removed and an existing ``path`` is untouched; an
+    ``OSError`` names the target folder.
+    """
+    _remove_stale_temporaries(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        try:  # keep the permissions of the file replaced; a new one gets the umask's
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except FileNotFoundError:
+            mode = None
+        permissions = 0o666 if mode is None else 0o600
+        with open(tmp, "xb", opener=lambda file, flags: os.open(file, flags, permissions)) as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+        if mode is not None:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise OSError(e.errno, f"save_checkpoint: cannot write {path.name!r} in the folder "
+                                   f"{str(path.parent)!r}: {e.strerror or e}") from e
         raise
     _fsync_directory(path.parent)
 
@@ -254,17 +276,18 @@ def save_checkpoint(
     epoch: int | None = None,
     extra: Any = None,
 ) -> None:
-    """Save ``model`` (and ``optimizer``) to one ``.npz`` file at ``path``, atomically.
+    """Save ``model`` (and ``optimizer``) to one safetensors file at ``path``, atomically.
 
     The file appears complete or not at all: it is written to a temporary file in the same
-    directory, flushed to disk and renamed onto ``path``. If anything fails, an existing file
-    at ``path`` is left as it was and no temporary file remains. The name is used as given (no
-    ``.npz`` is appended).
+    folder (named after this process; those of killed processes are removed by the next save to
+    ``path``), flushed to disk and renamed onto ``path``. If anything fails, an existing file at
+    ``path`` is left as it was and no temporary file remains. The name is used as given; use the
+    suffix ``.safetensors`` (the format is safetensors whatever the suffix).
 
     Parameters
     ----------
     path : str or os.PathLike
-        Target file; its directory must exist.
+        Target file; its folder must exist.
     model : Module
         Its ``state_dict()`` (parameters and buffers) is saved, and its ``config`` (if it has
         one, as every :mod:`miniresnet.nn` model does) so that :func:`load_checkpoint` can
@@ -281,7 +304,9 @@ def save_checkpoint(
     TypeError
         If a value cannot be stored (the message names it and lists what can).
     FileNotFoundError, IsADirectoryError
-        If the directory is missing or ``path`` is a directory.
+        If the folder is missing or ``path`` is a folder.
+    OSError
+        If the file cannot be written (the message names the folder).
     """
     path = Path(path)
     if not isinstance(model, Module):
@@ -291,7 +316,7 @@ def save_checkpoint(
         raise TypeError(f"save_checkpoint: epoch must be an int or None, got {epoch!r}")
     if path.is_dir():
         raise IsADirectoryError(f"save_checkpoint: {str(path)!r} is a directory; give a file "
-                                f"path such as {str(path / 'checkpoint.npz')!r}")
+                                f"path such as {str(path / 'checkpoint.safetensors')!r}")
     if not path.parent.is_dir():
         raise FileNotFoundError(f"save_checkpoint: directory {str(path.parent)!r} does not "
                                 f"exist; create it first")
@@ -320,90 +345,137 @@ def save_checkpoint(
         "backend": _model_backend(model).name,
         "miniresnet_version": miniresnet.__version__,
     }
-    arrays[_META] = np.array(json.dumps(meta), dtype=np.str_)
-    _atomic_write(path, arrays)
+    metadata = {"miniresnet": json.dumps(meta), "sha256": _digest(meta, arrays)}
+    _atomic_write(path, safetensors.numpy.save(arrays, metadata=metadata))
 
 
 # ----------------------------------------------------------------------------------------------
 # loading
 # ----------------------------------------------------------------------------------------------
 
+Specs = dict[str, tuple[tuple[int, ...], str]]  # name -> (shape, dtype name), before reading
+
 
 def _fail(path: Path, message: str) -> CheckpointError:
     return CheckpointError(f"load_checkpoint: {str(path)!r} {message}")
 
 
-def _read_meta(archive: Any, path: Path) -> dict:
-    files = sorted(archive.files)
-    if _META not in files:
-        raise _fail(path, f"is not a miniresnet checkpoint: it has no {_META!r} entry (found "
-                          f"keys {files}); checkpoints are written by save_checkpoint")
+def _parse_meta(text: Any, path: Path, version: int) -> dict:
+    """The metadata object, its structure checked (not yet the config)."""
     try:
-        raw = archive[_META]
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise _fail(path, f"has an unreadable {_META!r} entry ({e})") from e
-    if raw.ndim != 0 or raw.dtype.kind != "U":
-        raise _fail(path, f"is not a miniresnet checkpoint: {_META!r} must be a 0-d unicode "
-                          f"array, got shape {raw.shape} dtype {raw.dtype}")
-    try:
-        meta = json.loads(str(raw[()]))
-    except ValueError as e:
-        raise _fail(path, f"is not a miniresnet checkpoint: {_META!r} is not JSON ({e})") from e
+        meta = json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        raise _fail(path, "is not a miniresnet checkpoint: it has no readable 'miniresnet' "
+                          "metadata (a JSON object)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise _fail(path, f"is not a miniresnet checkpoint: {_META!r} has format {found!r}, "
-                          f"expected {FORMAT!r}")
-    version = meta.get("version")
-    if version not in _READABLE_VERSIONS:
-        raise _fail(path, f"has checkpoint format version {version!r}; this miniresnet reads "
-                          f"versions {list(_READABLE_VERSIONS)} (was it written by a newer "
-                          f"miniresnet?)")
+        raise _fail(path, f"is not a miniresnet checkpoint: its metadata has format "
+                          f"{short_repr(found)}, expected {FORMAT!r}")
+    if meta.get("version") != version:
+        raise _fail(path, f"has checkpoint format version {short_repr(meta.get('version'))} in "
+                          f"a file of version {version} (safetensors: 2, .npz: 1); was it "
+                          f"written by a newer miniresnet?")
     keys, kinds, epoch = meta.get("model_keys"), meta.get("optimizer"), meta.get("epoch")
-    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-        raise _fail(path, f"has a corrupt {_META!r}: 'model_keys' must be a list of names")
+    if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+            and len(set(keys)) == len(keys)):
+        raise _fail(path, "has corrupt metadata: 'model_keys' must be a list of distinct names")
     if kinds is not None and not (
         isinstance(kinds, dict) and all(v in _KINDS for v in kinds.values())
     ):
-        raise _fail(path, f"has a corrupt {_META!r}: 'optimizer' must map keys to one of "
+        raise _fail(path, f"has corrupt metadata: 'optimizer' must map keys to one of "
                           f"{list(_KINDS)}")
     if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int)):
-        raise _fail(path, f"has a corrupt {_META!r}: 'epoch' must be an int or null")
+        raise _fail(path, "has corrupt metadata: 'epoch' must be an int or null")
     if meta.get("config") is not None and not isinstance(meta["config"], dict):
-        raise _fail(path, f"has a corrupt {_META!r}: 'config' must be an object or null")
+        raise _fail(path, "has corrupt metadata: 'config' must be an object or null")
     return meta
 
 
-def _read_archive(path: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    if not path.exists():
-        raise FileNotFoundError(f"load_checkpoint: no such file: {str(path)!r}")
-    if not path.is_file():
-        raise IsADirectoryError(f"load_checkpoint: {str(path)!r} is not a file")
+def _check_entries(meta: dict, specs: Specs, path: Path, rebuild: bool) -> None:
+    """The stored tensors are those the metadata lists and, when the model is to be rebuilt,
+    those its config implies: checked from the header alone, before any tensor is read."""
+    kinds = meta["optimizer"] or {}
+    expected = {_MODEL + k for k in meta["model_keys"]}
+    expected |= {_OPTIMIZER + k for k, kind in kinds.items() if kind != "none"}
+    missing, unexpected = sorted(expected - set(specs)), sorted(set(specs) - expected)
+    if missing or unexpected:
+        found = [f"{what} entries {short_repr(names)}" for what, names in
+                 (("missing", missing), ("unexpected", unexpected)) if names]
+        raise _fail(path, f"is incomplete or corrupt: {', '.join(found)}")
+    if not rebuild:
+        return
+    if meta["config"] is None:
+        raise _fail(path, "has no model config (it was saved from a model without `config`); "
+                          "pass the model to load into as model=")
     try:
-        archive = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-        raise _fail(path, f"is not a miniresnet checkpoint: it cannot be read as an .npz "
-                          f"archive ({e})") from e
-    if not isinstance(archive, np.lib.npyio.NpzFile):
-        raise _fail(path, "is not a miniresnet checkpoint: it is a single .npy array, not an "
-                          ".npz archive")
-    with archive:
-        meta = _read_meta(archive, path)
-        kinds = meta["optimizer"] or {}
-        expected = [_MODEL + k for k in meta["model_keys"]]
-        expected += [_OPTIMIZER + k for k, kind in kinds.items() if kind != "none"]
-        found = set(archive.files) - {_META}
-        missing = [k for k in expected if k not in found]
-        unexpected = sorted(found - set(expected))
-        if missing or unexpected:
-            parts = ([f"missing entries {missing}"] if missing else []) + (
-                [f"unexpected entries {unexpected}"] if unexpected else [])
-            raise _fail(path, f"is incomplete or corrupt: {', '.join(parts)}")
-        arrays = {}
-        for key in expected:
-            try:
-                arrays[key] = archive[key]
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
-                raise _fail(path, f"has an unreadable entry {key!r} ({e})") from e
+        config = validate_config(meta["config"])
+    except (TypeError, ValueError) as e:
+        raise _fail(path, f"has an invalid model config: {e}") from None
+    stored = len(meta["model_keys"])
+    if (count := state_count(config)) != stored:  # closed form: nothing enumerated yet
+        raise _fail(path, f"has a model config that implies {count} state entries, but the file "
+                          f"holds {stored}; the config does not describe the stored weights")
+    shapes = state_shapes(config)  # bounded now: as many entries as the file holds
+    wrong = [f"{name}: config implies {shape} {config['dtype']}, file has "
+             f"{short_repr(spec[0])} {spec[1]}" if spec else f"{name}: missing"
+             for name, shape in shapes.items()
+             if (spec := specs.get(_MODEL + name)) != (shape, config["dtype"])]
+    if wrong:
+        raise _fail(path, f"has weights that do not match its model config ({len(wrong)} of "
+                          f"{stored} entries differ): {'; '.join(wrong[:3])}"
+                          f"{'; ...' if len(wrong) > 3 else ''}")
+
+
+def _read_safetensors(path: Path, check: Callable[[dict, Specs], None]) -> tuple[dict, dict]:
+    try:
+        with safe_open(path, framework="numpy") as f:
+            metadata = f.metadata() or {}
+            meta = _parse_meta(metadata.get("miniresnet"), path, version=2)
+            slices = {name: f.get_slice(name) for name in f.keys()}
+            specs = {name: (tuple(s.get_shape()), _DTYPES.get(s.get_dtype(), s.get_dtype()))
+                     for name, s in slices.items()}
+            check(meta, specs)
+            if bad := [f"{k}: {t}" for k, (_, t) in specs.items() if t not in _DTYPES.values()]:
+                raise _fail(path, f"has entries of unsupported dtypes {short_repr(bad)}")
+            arrays = {name: f.get_tensor(name) for name in specs}
+    except SafetensorError as e:
+        raise _fail(path, f"is not a miniresnet checkpoint: it is neither a safetensors file "
+                          f"nor a format-1 .npz archive ({e})") from None
+    if _digest(meta, arrays) != metadata.get("sha256"):
+        raise _fail(path, "does not match the SHA-256 digest stored in it: the file was "
+                          "corrupted or edited after it was saved")
+    return meta, arrays
+
+
+def _read_npz(path: Path, check: Callable[[dict, Specs], None]) -> tuple[dict, dict]:
+    """A format-1 checkpoint: an uncompressed .npz archive with a JSON 'meta' entry."""
+    readers = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            specs: Specs = {}
+            file_size = path.stat().st_size
+            for info in archive.zip.infolist():  # headers first: never allocate what they claim
+                with archive.zip.open(info) as member:
+                    shape, _, dtype = readers[npy_format.read_magic(member)](member)
+                    size = member.tell() + math.prod(shape) * dtype.itemsize
+                if (info.compress_type != zipfile.ZIP_STORED or size != info.file_size
+                        or size > file_size or dtype.hasobject):
+                    raise _fail(path, f"has a corrupt entry {info.filename!r}")
+                specs[info.filename.removesuffix(".npy")] = (shape, dtype.name)
+            meta_shape, meta_dtype = specs.pop("meta", (None, ""))
+            if meta_shape != () or not meta_dtype.startswith("str"):  # unicode: "str<bits>"
+                raise _fail(path, f"is not a miniresnet checkpoint: it has no 0-d unicode "
+                                  f"'meta' entry (found entries {short_repr(sorted(specs))})")
+            meta = _parse_meta(str(archive["meta"][()]), path, version=1)
+            check(meta, specs)
+            arrays = {name: archive[name] for name in specs}
+    except CheckpointError:
+        raise
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise _fail(path, f"is a corrupt .npz archive ({short_repr(e)})") from None
+    warnings.warn(f"load_checkpoint: {str(path)!r} is a format-1 .npz checkpoint, which carries "
+                  f"no digest: edits and corruption cannot be detected. Save it again to get a "
+                  f"safetensors checkpoint that has one.", UserWarning, stacklevel=3)
     return meta, arrays
 
 
@@ -411,7 +483,7 @@ def _restore_optimizer_state(
     kinds: dict[str, str], arrays: dict[str, np.ndarray], backend: Backend, path: Path
 ) -> dict[str, Any]:
     state: dict[str, Any] = {}
-    scalar_kinds = {"int": "iu", "float": "f", "bool": "b", "str": "U"}
+    scalars = {"int": ("iu", int), "float": ("f", float), "bool": ("b", bool), "str": ("U", str)}
     for key, kind in kinds.items():
         if kind == "none":
             state[key] = None
@@ -422,11 +494,16 @@ def _restore_optimizer_state(
                 raise _fail(path, f"has optimizer entry {key!r} of dtype {host.dtype}, which "
                                   f"is not numeric")
             state[key] = backend.asarray(host, host.dtype.name)
-            continue
-        if host.ndim != 0 or host.dtype.kind not in scalar_kinds[kind]:
+        elif kind == "str" and host.dtype == np.uint8 and host.ndim == 1:  # format 2: UTF-8
+            try:
+                state[key] = host.tobytes().decode()
+            except UnicodeDecodeError:
+                raise _fail(path, f"has optimizer entry {key!r} that is not UTF-8") from None
+        elif host.ndim == 0 and host.dtype.kind in scalars[kind][0]:
+            state[key] = scalars[kind][1](host[()])
+        else:
             raise _fail(path, f"has a corrupt optimizer entry {key!r}: a {kind} should be a "
                               f"0-d array, got shape {host.shape} dtype {host.dtype}")
-        state[key] = {"int": int, "float": float, "bool": bool, "str": str}[kind](host[()])
     return state
 
 
@@ -461,7 +538,7 @@ def _config_differences(model: Module, saved: dict | None) -> list[str]:
     except (TypeError, ValueError):
         return []
     keys = sorted((set(own) | set(saved)) - {"seed"})
-    return [f"{k}: model {own.get(k)!r}, checkpoint {saved.get(k)!r}"
+    return [f"{k}: model {short_repr(own.get(k))}, checkpoint {short_repr(saved.get(k))}"
             for k in keys if own.get(k) != saved.get(k)]
 
 
@@ -470,10 +547,15 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Load a checkpoint written by :func:`save_checkpoint`.
 
-    The file is read with ``allow_pickle=False`` and checked: it must exist, carry miniresnet
-    metadata of a known format version and hold every entry the metadata lists. The weights
-    are then loaded strictly (every key, shape and dtype must match; nothing is changed if one
-    does not), onto the backend of ``model``.
+    The file is untrusted: loading never runs code and never unpickles. Before any tensor is
+    read or any layer built, the metadata is checked (format, version, structure), and, when
+    the model is rebuilt, its config (known arguments, types and ranges) and the names, shapes
+    and dtypes that config implies against the stored tensors. The tensors are then read and
+    the SHA-256 digest stored with them verified: it detects corruption and accidental edits,
+    not a forger (anyone can recompute it). Last, the weights are loaded strictly (every key,
+    shape and dtype must match; nothing is changed if one does not), onto the backend of
+    ``model``. The format is recognised from the file's first bytes: a format-1 ``.npz``
+    checkpoint loads with a ``UserWarning`` (it has no digest).
 
     Parameters
     ----------
@@ -495,31 +577,32 @@ def load_checkpoint(
     FileNotFoundError
         If ``path`` does not exist.
     CheckpointError
-        (a ``ValueError``) If the file is not a readable miniresnet checkpoint, or it does not
-        fit the model or the optimiser; the message names the offending keys.
+        (a ``ValueError``) If the file is not a readable miniresnet checkpoint, its config is
+        invalid or does not match its weights, its digest does not match, or it does not fit
+        the model or the optimiser; the message names the offending entries.
     """
     path = Path(path)
-    meta, arrays = _read_archive(path)
-    config = meta.get("config")
-    given = model is not None
-    if model is None:
-        if config is None:
-            raise _fail(path, "has no model config (it was saved from a model without "
-                              "`config`); pass the model to load into as model=")
-        try:
-            model = build_model(config)
-        except (TypeError, ValueError, KeyError) as e:
-            raise _fail(path, f"has a model config that cannot be rebuilt ({e}): {config}") from e
-    elif not isinstance(model, Module):
+    if model is not None and not isinstance(model, Module):
         raise TypeError(f"load_checkpoint: model must be a miniresnet Module or None, got "
                         f"{type(model).__name__}")
-    weights = {name: arrays[_MODEL + name] for name in meta["model_keys"]}
-    _load_weights(model, weights, path)
+    if not path.exists():
+        raise FileNotFoundError(f"load_checkpoint: no such file: {str(path)!r}")
+    if not path.is_file():
+        raise IsADirectoryError(f"load_checkpoint: {str(path)!r} is not a file")
+    with open(path, "rb") as f:
+        read = _read_npz if f.read(4) == b"PK\x03\x04" else _read_safetensors
+    meta, arrays = read(path, lambda meta, specs: _check_entries(meta, specs, path,
+                                                                 rebuild=model is None))
+    config = meta["config"]
+    given = model is not None
+    if model is None:
+        model = build_model(config)
+    _load_weights(model, {name: arrays[_MODEL + name] for name in meta["model_keys"]}, path)
     if given and (diff := _config_differences(model, config)):
         warnings.warn(f"load_checkpoint: the weights fit, but the model's config differs from "
                       f"the checkpoint's: {'; '.join(diff)}", UserWarning, stacklevel=2)
 
-    kinds = meta.get("optimizer")
+    kinds = meta["optimizer"]
     optimizer_state = None
     if kinds is not None:
         optimizer_state = _restore_optimizer_state(kinds, arrays, _model_backend(model), path)
@@ -531,5 +614,5 @@ def load_checkpoint(
         except (KeyError, ValueError) as e:
             message = e.args[0] if e.args else str(e)
             raise _fail(path, f"does not fit the optimizer: {message}") from e
-    return Checkpoint(model=model, epoch=meta.get("epoch"), extra=meta.get("extra"),
+    return Checkpoint(model=model, epoch=meta["epoch"], extra=meta.get("extra"),
                       config=config, optimizer_state=optimizer_state)

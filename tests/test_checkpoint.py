@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
+import safetensors.numpy
+from test_checkpoint_untrusted import digest, read_file, rewrite
 
 import miniresnet as mr
 from miniresnet import nn
@@ -75,7 +76,7 @@ def optimizer_state(backend):
 
 @pytest.fixture
 def path(tmp_path):
-    return tmp_path / "ckpt.npz"
+    return tmp_path / "ckpt.safetensors"
 
 
 # -- round trips ------------------------------------------------------------------------------
@@ -126,21 +127,30 @@ def test_optimizer_state_round_trips_with_types(backend, path):
     assert ckpt.epoch == 0
 
 
-def test_file_is_a_pickle_free_npz(backend, path):
+def test_file_is_a_safetensors_file_with_a_digest(backend, path):
     model, _ = trained("resnet", backend)
     save_checkpoint(path, model, StubOptimizer(optimizer_state(backend)), extra=[1, "a"])
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    assert not any(a.dtype.hasobject for a in arrays.values())
-    assert arrays["meta"].ndim == 0 and arrays["meta"].dtype.kind == "U"
-    meta = json.loads(str(arrays["meta"][()]))
-    assert meta["format"] == "miniresnet-checkpoint" and meta["version"] == FORMAT_VERSION
+    tensors, meta, sha = read_file(path)
+    assert sha == digest(meta, tensors)
+    assert meta["format"] == "miniresnet-checkpoint" and meta["version"] == FORMAT_VERSION == 2
     assert meta["config"] == model.config and meta["extra"] == [1, "a"]
     assert meta["model_keys"] == list(model.state_dict())
     assert meta["optimizer"]["lr"] == "float" and meta["optimizer"]["schedule"] == "none"
-    assert {k for k in arrays if k.startswith("model/")} == {
+    assert {k for k in tensors if k.startswith("model/")} == {
         f"model/{k}" for k in model.state_dict()}
-    assert "optimizer/schedule" not in arrays and arrays["optimizer/steps"].dtype == np.int64
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(tensors[f"model/{k}"], host(v))
+    assert "optimizer/schedule" not in tensors and tensors["optimizer/steps"].dtype == np.int64
+    assert tensors["optimizer/name"].tobytes() == b"sgd" and tensors["optimizer/lr"].shape == ()
+    header = int.from_bytes(path.read_bytes()[:8], "little")  # the safetensors layout
+    assert path.read_bytes()[8:9] == b"{" and 8 + header < path.stat().st_size
+
+
+def test_strings_round_trip_exactly(backend, path):
+    model, _ = trained("mlp", backend)
+    state = {"a": "", "b": "x\x00", "c": "ünïcødé \u2603", "d": "\x00"}
+    save_checkpoint(path, model, StubOptimizer(state))
+    assert load_checkpoint(path).optimizer_state == state
 
 
 def test_model_without_config_and_numpy_values(backend, path):
@@ -160,17 +170,12 @@ def test_model_without_config_and_numpy_values(backend, path):
 # -- atomic writes ----------------------------------------------------------------------------
 
 
-def failing_after(monkeypatch, calls):
-    real = np.lib.format.write_array
-    seen = []
+def failing_fsync(monkeypatch):
+    """The disk fails after the data was written to the temporary file, before the rename."""
+    def fsync(fd):
+        raise RuntimeError("disk on fire")
 
-    def write_array(*args, **kwargs):
-        seen.append(1)
-        if len(seen) == calls:
-            raise RuntimeError("disk on fire")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(np.lib.format, "write_array", write_array)
+    monkeypatch.setattr(os, "fsync", fsync)
 
 
 def test_crash_mid_save_keeps_the_old_checkpoint(backend, path, monkeypatch):
@@ -178,7 +183,7 @@ def test_crash_mid_save_keeps_the_old_checkpoint(backend, path, monkeypatch):
     save_checkpoint(path, model, epoch=1)
     before = path.read_bytes()
     other, _ = trained("mlp", backend, seed=3)
-    failing_after(monkeypatch, 3)
+    failing_fsync(monkeypatch)
     with pytest.raises(RuntimeError, match="disk on fire"):
         save_checkpoint(path, other, epoch=2)
     assert path.read_bytes() == before
@@ -189,7 +194,7 @@ def test_crash_mid_save_keeps_the_old_checkpoint(backend, path, monkeypatch):
 
 def test_crash_mid_save_leaves_no_file(backend, path, monkeypatch):
     model, _ = trained("mlp", backend)
-    failing_after(monkeypatch, 3)
+    failing_fsync(monkeypatch)
     with pytest.raises(RuntimeError, match="disk on fire"):
         save_checkpoint(path, model)
     assert os.listdir(path.parent) == []
@@ -223,7 +228,8 @@ def test_overwrite_keeps_permissions(backend, path):
     ({"optimizer": StubOptimizer({"lst": [1, 2]})},
      "optimizer state 'lst' is a list; valid values are arrays"),
     ({"optimizer": StubOptimizer({3: 1.0})}, "optimizer state keys must be str, got 3"),
-    ({"optimizer": StubOptimizer({"s": np.array(["a"])})}, "dtype <U1; only numeric"),
+    ({"optimizer": StubOptimizer({"s": np.array(["a"])})}, "dtype <U1; valid dtypes: bool"),
+    ({"optimizer": StubOptimizer({"c": np.ones(2, complex)})}, "dtype complex128; valid"),
     ({"optimizer": StubOptimizer({"n": 2**70})}, "does not fit in int64"),
     ({"optimizer": object()}, "optimizer must have a state_dict"),
     ({"epoch": 1.5}, "epoch must be an int or None, got 1.5"),
@@ -240,64 +246,65 @@ def test_save_path_errors(backend, tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory; give a file path"):
         save_checkpoint(tmp_path, model)
     with pytest.raises(FileNotFoundError, match="directory .*missing.* does not exist"):
-        save_checkpoint(tmp_path / "missing" / "c.npz", model)
+        save_checkpoint(tmp_path / "missing" / "c.safetensors", model)
     with pytest.raises(TypeError, match="model must be a miniresnet Module, got dict"):
-        save_checkpoint(tmp_path / "c.npz", {})
+        save_checkpoint(tmp_path / "c.safetensors", {})
 
 
 # -- corrupted, foreign and mismatched files --------------------------------------------------
 
 
-def rewrite(path, change):
-    """Re-save a checkpoint's arrays after ``change(arrays, meta)`` edits them."""
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    meta = json.loads(str(arrays["meta"][()]))
-    change(arrays, meta)
-    arrays["meta"] = np.array(json.dumps(meta))
-    np.savez(path, **arrays)
-
-
 def test_foreign_and_corrupted_files(backend, path, tmp_path):
     model, _ = trained("mlp", backend)
     with pytest.raises(FileNotFoundError, match="no such file: .*nothere"):
-        load_checkpoint(tmp_path / "nothere.npz")
+        load_checkpoint(tmp_path / "nothere.safetensors")
     plain = tmp_path / "plain.npz"
     np.savez(plain, w=np.ones(3))
-    with pytest.raises(CheckpointError, match=r"not a miniresnet checkpoint: it has no 'meta' "
-                                              r"entry \(found keys \['w'\]\)"):
+    with pytest.raises(CheckpointError, match=r"not a miniresnet checkpoint: it has no 0-d "
+                                              r"unicode 'meta' entry \(found entries \['w'\]\)"):
         load_checkpoint(plain)
-    text = tmp_path / "text.npz"
-    text.write_text("not a zip")
-    with pytest.raises(CheckpointError, match="cannot be read as an .npz archive"):
-        load_checkpoint(text)
+    foreign = tmp_path / "foreign.safetensors"
+    safetensors.numpy.save_file({"w": np.ones(3)}, foreign)
+    with pytest.raises(CheckpointError, match="not a miniresnet checkpoint: it has no readable "
+                                              "'miniresnet' metadata"):
+        load_checkpoint(foreign)
+    text = tmp_path / "text.safetensors"
+    text.write_text("not a checkpoint")
     np.save(tmp_path / "one.npy", np.ones(2))
-    with pytest.raises(CheckpointError, match="single .npy array"):
-        load_checkpoint(tmp_path / "one.npy")
+    for name in ("text.safetensors", "one.npy"):
+        with pytest.raises(CheckpointError, match=f"{name}' is not a miniresnet checkpoint: it "
+                                                  f"is neither a safetensors file nor"):
+            load_checkpoint(tmp_path / name)
 
     save_checkpoint(path, model)
-    truncated = tmp_path / "truncated.npz"
+    truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match="truncated.npz"):
+    with pytest.raises(CheckpointError, match="truncated.safetensors"):
         load_checkpoint(truncated)
 
 
 @pytest.mark.parametrize("change, match", [
-    (lambda a, m: m.update(version=99), r"format version 99; this miniresnet reads versions \[1\]"),
+    (lambda a, m: m.update(version=99), "format version 99 in a file of version 2"),
     (lambda a, m: m.update(format="other"), "has format 'other', expected 'miniresnet-checkpoint'"),
     (lambda a, m: a.pop("model/stem.weight"), r"missing entries \['model/stem.weight'\]"),
     (lambda a, m: a.update({"model/ghost": np.ones(1)}), r"unexpected entries \['model/ghost'\]"),
     (lambda a, m: a.update({"model/stem.bias": np.ones(2)}),
-     r"does not fit the model: .*mis-shaped keys \[stem.bias: expected \(6,\), got \(2,\)\]"),
+     r"do not match its model config \(1 of 18 entries differ\): stem.bias: config implies "
+     r"\(6,\) float64, file has \(2,\) float64$"),
     (lambda a, m: a.update({"model/stem.bias": a["model/stem.bias"].astype(np.float32)}),
-     r"dtypes that differ from the model's \[stem.bias: checkpoint float32, model float64\]"),
+     r"stem.bias: config implies \(6,\) float64, file has \(6,\) float32"),
     (lambda a, m: m.update(model_keys="x"), "'model_keys' must be a list"),
-    (lambda a, m: m.update(config={"model": "vgg"}), "config that cannot be rebuilt .*'vgg'"),
+    (lambda a, m: m.update(model_keys=m["model_keys"] * 2), "'model_keys' must be a list of "
+                                                            "distinct names"),
+    (lambda a, m: m.update(config={"model": "vgg"}), "invalid model config: unknown model 'vgg'"),
     (lambda a, m: m.update(optimizer={"lr": "complex"}), "'optimizer' must map keys"),
     (lambda a, m: a.update({"optimizer/lr": np.ones(2)}) or m.update(optimizer={"lr": "float"}),
      r"corrupt optimizer entry 'lr': a float should be a 0-d array, got shape \(2,\)"),
+    (lambda a, m: a.update({"optimizer/s": np.array([255], np.uint8)})
+     or m.update(optimizer={"s": "str"}), "optimizer entry 's' that is not UTF-8"),
 ])
 def test_corrupted_checkpoints(backend, path, change, match):
+    """Structurally wrong files, even with a correct digest (as a forger would write them)."""
     model, _ = trained("mlp", backend)
     save_checkpoint(path, model)
     rewrite(path, change)
@@ -305,12 +312,26 @@ def test_corrupted_checkpoints(backend, path, change, match):
         load_checkpoint(path)
 
 
+def test_weights_that_do_not_fit_a_given_model(backend, path):
+    model, _ = trained("mlp", backend)
+    save_checkpoint(path, model)
+    rewrite(path, lambda a, m: a.update({"model/stem.bias": np.ones(2)}))
+    with pytest.raises(CheckpointError, match=r"does not fit the model: .*mis-shaped keys "
+                                              r"\[stem.bias: expected \(6,\), got \(2,\)\]"):
+        load_checkpoint(path, model=MODELS["mlp"][0]())
+    rewrite(path, lambda a, m: a.update({"model/stem.bias": np.ones(6, np.float32)}))
+    with pytest.raises(CheckpointError, match=r"dtypes that differ from the model's \[stem.bias: "
+                                              r"checkpoint float32, model float64\]"):
+        load_checkpoint(path, model=MODELS["mlp"][0]())
+
+
 def test_meta_not_a_checkpoint_string(backend, path):
-    np.savez(path, meta=np.array("{not json"))
-    with pytest.raises(CheckpointError, match="'meta' is not JSON"):
+    safetensors.numpy.save_file({}, path, metadata={"miniresnet": "{not json", "sha256": ""})
+    with pytest.raises(CheckpointError, match="no readable 'miniresnet' metadata"):
         load_checkpoint(path)
-    np.savez(path, meta=np.ones(3))
-    with pytest.raises(CheckpointError, match="'meta' must be a 0-d unicode array"):
+    with open(path, "wb") as f:
+        np.savez(f, meta=np.ones(3))
+    with pytest.raises(CheckpointError, match="no 0-d unicode 'meta' entry"):
         load_checkpoint(path)
 
 

@@ -21,12 +21,21 @@ from miniresnet.nn.layers import (
     Sigmoid,
     Tanh,
 )
-from miniresnet.nn.models import Network, build_model, mlp, resnet_cifar
+from miniresnet.nn.models import (
+    Network,
+    build_model,
+    mlp,
+    resnet_cifar,
+    state_count,
+    state_shapes,
+    validate_config,
+)
 from miniresnet.nn.module import Module, Sequential, functional_call, parameter
 
 __all__ = [
     "ORDERS", "BasicBlock", "BatchNorm1d", "BatchNorm2d", "Conv2d", "DenseBlock", "Flatten",
     "GlobalAvgPool2d", "HighwayBlock", "Identity", "Linear", "Module", "Network", "ReLU",
     "ResidualBlock", "Sequential", "Sigmoid", "Tanh", "ZeroPadShortcut", "build_model",
-    "functional_call", "init", "mlp", "parameter", "resnet_cifar",
+    "functional_call", "init", "mlp", "parameter", "resnet_cifar", "state_count", "state_shapes",
+    "validate_config",
 ]

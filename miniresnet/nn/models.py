@@ -8,13 +8,33 @@ a caller can run and differentiate it block by block::
     for block in model.blocks:
         h = block(h)
     logits = model.head(h)
+
+A config is checked in one place, :func:`validate_config`, which the constructors call and
+which :func:`~miniresnet.checkpoint.load_checkpoint` calls before it builds anything;
+:func:`state_count` and :func:`state_shapes` give the state dict a config implies in closed
+form, without building the model (so a file's arrays can be checked against its config first).
 """
 
 from __future__ import annotations
 
-from miniresnet.nn.blocks import BasicBlock, DenseBlock, HighwayBlock, ResidualBlock
-from miniresnet.nn.init import as_rng
+import inspect
+import math
+import reprlib
+from collections.abc import Mapping
+from numbers import Integral, Real
+from typing import Any
+
+from miniresnet.nn.blocks import (
+    ORDERS,
+    SHORTCUTS,
+    BasicBlock,
+    DenseBlock,
+    HighwayBlock,
+    ResidualBlock,
+)
+from miniresnet.nn.init import INITIALIZERS, as_rng
 from miniresnet.nn.layers import (
+    ACTIVATIONS,
     BatchNorm1d,
     BatchNorm2d,
     Conv2d,
@@ -26,6 +46,250 @@ from miniresnet.nn.layers import activation as make_activation
 from miniresnet.nn.module import Module, Sequential
 
 _PREACT = ("relu_preact", "full_preact")
+_ENDS_IN_NORM = ("post", "relu_before_add", "relu_preact")  # orders whose branch ends in a norm
+_MAX_WIDTH = 1e6  # resnet_cifar's width multiplier: up to 64 million channels
+
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxstring, _repr.maxlong, _repr.maxother = 3, 80, 40, 80
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = 8
+
+
+def short_repr(value: Any) -> str:
+    """A ``repr`` of at most a few hundred characters, however large ``value`` is (configs may
+    come from untrusted files)."""
+    try:
+        return _repr.repr(value)[:300]
+    except ValueError:  # an int with more digits than Python will print
+        return f"<{type(value).__name__} too large to print>"
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+# argument -> (what is valid: a description, or the tuple of choices; type test; value test)
+def _int(low: int):
+    return f"an int >= {low}", _is_int, lambda v: v >= low
+
+
+def _choice(options):
+    return tuple(options), lambda v: isinstance(v, str), lambda v: v in options
+
+
+_BOOL = "True or False", lambda v: isinstance(v, bool), lambda v: True
+_REAL = "a finite number", _is_real, _finite
+_OPTIONAL_REAL = ("None or a finite number", lambda v: v is None or _is_real(v),
+                  lambda v: v is None or _finite(v))
+_SEED = "None or an int >= 0", lambda v: v is None or _is_int(v), lambda v: v is None or v >= 0
+_COMMON = {
+    "residual": _BOOL, "norm": _BOOL, "activation": _choice(ACTIVATIONS), "order": _choice(ORDERS),
+    "beta": _REAL, "lam": _REAL, "skipinit": _OPTIONAL_REAL,
+    "init": _choice((*INITIALIZERS, "fixup")), "zero_init_residual": _BOOL,
+    "dtype": _choice(("float32", "float64")), "seed": _SEED,
+}
+_RULES = {
+    "resnet_cifar": {
+        "n": _int(1), "in_channels": _int(1), "num_classes": _int(1),
+        "width": (f"a number > 0 and <= {_MAX_WIDTH:g}", _is_real, lambda v: 0 < v <= _MAX_WIDTH),
+        "block": _choice(("basic", "highway")), "shortcut": _choice(SHORTCUTS),
+        "gate_bias": _REAL, **_COMMON,
+    },
+    "mlp": {"depth": _int(0), "width": _int(1), "in_features": _int(1), "out_features": _int(1),
+            "layers": _int(1), **_COMMON},
+}
+
+
+def _check(model: str, key: str, value: Any, rule) -> None:
+    valid, type_ok, value_ok = rule
+    if isinstance(valid, tuple):
+        if not type_ok(value):
+            raise TypeError(f"{model}: {key} must be one of {', '.join(map(repr, valid))}, got "
+                            f"{short_repr(value)} ({type(value).__name__})")
+        if not value_ok(value):
+            raise ValueError(f"{model}: unknown {key} {short_repr(value)}; valid: "
+                             f"{', '.join(valid)}")
+    elif not type_ok(value):
+        raise TypeError(f"{model}: {key} must be {valid}, got {short_repr(value)} "
+                        f"({type(value).__name__})")
+    elif not value_ok(value):
+        raise ValueError(f"{model}: {key} must be {valid}, got {short_repr(value)}")
+
+
+def validate_config(config: Mapping) -> dict:
+    """The complete config of a model (defaults filled in), after checking every entry.
+
+    ``config`` is a ``model.config``: ``{"model": "resnet_cifar" or "mlp", argument: value,
+    ...}``; a missing argument takes the constructor's default. Nothing is allocated, so this is
+    cheap whatever the config asks for.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For an unknown model or argument, a missing required argument, a value of the wrong type
+        or out of range, or arguments that cannot go together; the message names the model, the
+        argument, the value (cut short) and what is valid.
+    """
+    if not isinstance(config, Mapping):
+        raise TypeError(f"a model config must be a dict, got {type(config).__name__}")
+    name = config.get("model")
+    if not isinstance(name, str) or name not in _RULES:
+        raise ValueError(f"unknown model {short_repr(name)}; valid: {', '.join(_RULES)}")
+    rules = _RULES[name]
+    unknown = [key for key in config if key != "model" and key not in rules]
+    if unknown:
+        raise TypeError(f"{name}: unknown argument(s) {short_repr(unknown)}; valid: "
+                        f"{', '.join(rules)}")
+    full = {"model": name}
+    for key, param in inspect.signature(MODELS[name]).parameters.items():
+        if key not in config and param.default is inspect.Parameter.empty:
+            raise TypeError(f"{name}: missing required argument {key!r}")
+        full[key] = config.get(key, param.default)
+        _check(name, key, full[key], rules[key])
+    block = full.get("block", "basic")
+    if name == "resnet_cifar" and full["shortcut"] == "identity" and (
+            full["residual"] or block == "highway"):
+        raise ValueError("resnet_cifar: identity shortcut impossible: the first blocks of stages "
+                         "2 and 3 change the shape; use shortcut='projection' or 'zero_pad'")
+    if full["zero_init_residual"] and full.get("depth", 1) > 0 and (
+            block != "basic" or not full["norm"] or full["order"] not in _ENDS_IN_NORM):
+        raise ValueError(f"{name}: zero_init_residual needs each residual branch to end with an "
+                         f"affine batch norm (block='basic', norm=True and order one of "
+                         f"{', '.join(_ENDS_IN_NORM)}); got block={block!r}, "
+                         f"norm={full['norm']!r}, order={full['order']!r}")
+    return full
+
+
+# -- the closed-form plan: what the constructors build, and the state it implies -----------------
+
+
+def _stage_widths(width: float) -> list[int]:
+    return [max(1, round(c * width)) for c in (16, 32, 64)]
+
+
+def _runs(config: dict) -> list[tuple[int, int, int, int]]:
+    """The blocks of a validated config, as runs ``(in, out, stride, count)`` of equal blocks."""
+    if config["model"] == "mlp":
+        runs = [(config["width"], config["width"], 1, config["depth"])]
+    else:
+        n, (a, b, c) = config["n"], _stage_widths(config["width"])
+        runs = [(a, a, 1, n), (a, b, 2, 1), (b, b, 1, n - 1), (b, c, 2, 1), (c, c, 1, n - 1)]
+    return [run for run in runs if run[3] > 0]
+
+
+# a state entry: (name, shape, is a buffer)
+def _weights(name: str, n_in: int, n_out: int, bias: bool, kernel: int | None) -> list:
+    """A Linear's (``kernel`` None) or a Conv2d's entries."""
+    shape = (n_out, n_in) if kernel is None else (n_out, n_in, kernel, kernel)
+    return [(name + "weight", shape, False)] + ([(name + "bias", (n_out,), False)] if bias else [])
+
+
+def _batchnorm(name: str, width: int) -> list:
+    return [(name + key, (width,), key.startswith("running"))
+            for key in ("weight", "bias", "running_mean", "running_var")]
+
+
+def _inner(config: dict) -> dict:
+    """A highway block's branch: a two-layer post-order residual block."""
+    return {**config, "block": "basic", "order": "post", "residual": True, "skipinit": None,
+            "layers": 2}
+
+
+def _projects(config: dict, c_in: int, c_out: int, stride: int) -> bool:
+    return (config["residual"] and (stride != 1 or c_in != c_out)
+            and config.get("shortcut", "projection") == "projection")
+
+
+def _block_count(config: dict, c_in: int, c_out: int, stride: int) -> int:
+    if config.get("block") == "highway":
+        return _block_count(_inner(config), c_in, c_out, stride) + 2
+    # each layer, and a projection shortcut, is a weight and a batch norm (4), or a weight and bias
+    per_layer = 5 if config["norm"] else 2
+    layers = config.get("layers", 2) + _projects(config, c_in, c_out, stride)
+    return (config["skipinit"] is not None) + per_layer * layers
+
+
+def _block_entries(config: dict, c_in: int, c_out: int, stride: int) -> list:
+    kernel = None if config["model"] == "mlp" else 3
+    if config.get("block") == "highway":
+        return ([("h." + name, *rest) for name, *rest in
+                 _block_entries(_inner(config), c_in, c_out, stride)]
+                + _weights("gate.", c_in, c_out, True, kernel))
+    norm = config["norm"]
+    entries = [] if config["skipinit"] is None else [("alpha", (), False)]
+    widths = [c_in] + [c_out] * config.get("layers", 2)
+    for i in range(len(widths) - 1):
+        entries += _weights(f"layers.{i}.", widths[i], widths[i + 1], not norm, kernel)
+    if norm:
+        norm_widths = widths[:-1] if config["order"] == "full_preact" else widths[1:]
+        for i, width in enumerate(norm_widths):
+            entries += _batchnorm(f"norms.{i}.", width)
+    if _projects(config, c_in, c_out, stride):
+        k = None if kernel is None else 1
+        entries += (_weights("shortcut.0.", c_in, c_out, False, k)
+                    + _batchnorm("shortcut.1.", c_out) if norm
+                    else _weights("shortcut.", c_in, c_out, True, k))
+    return entries
+
+
+def _stem_and_head(config: dict) -> tuple[list, list]:
+    pre, norm = config["order"] in _PREACT, config["norm"]
+    if config["model"] == "mlp":
+        stem = _weights("stem.", config["in_features"], config["width"], True, None)
+        c, classes, classifier = config["width"], config["out_features"], 2 if pre else 0
+    else:
+        first, *_, c = _stage_widths(config["width"])
+        stem = _weights("stem." if pre else "stem.0.", config["in_channels"], first, not norm, 3)
+        stem += _batchnorm("stem.1.", first) if norm and not pre else []
+        classes, classifier = config["num_classes"], 3 if pre else 1
+    head = _batchnorm("head.0.", c) if pre and norm else []
+    return stem, head + _weights(f"head.{classifier}.", c, classes, True, None)
+
+
+def state_count(config: Mapping) -> int:
+    """How many entries (parameters and buffers) the state dict of ``build_model(config)`` has,
+    in closed form: the cost does not grow with the depth."""
+    config = validate_config(config)
+    stem, head = _stem_and_head(config)
+    return len(stem) + len(head) + sum(count * _block_count(config, c_in, c_out, stride)
+                                       for c_in, c_out, stride, count in _runs(config))
+
+
+def state_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` of ``build_model(config).state_dict()``, in its order (parameters, then
+    buffers), without building anything; every entry has dtype ``config["dtype"]``.
+
+    The cost is proportional to the number of entries: compare :func:`state_count` with what
+    you hold first.
+    """
+    config = validate_config(config)
+    stem, head = _stem_and_head(config)
+    entries, first = list(stem), 0
+    for c_in, c_out, stride, count in _runs(config):
+        block = _block_entries(config, c_in, c_out, stride)
+        entries += [(f"blocks.{first + j}.{name}", shape, buffer)
+                    for j in range(count) for name, shape, buffer in block]
+        first += count
+    entries += head
+    return ({name: shape for name, shape, buffer in entries if not buffer}
+            | {name: shape for name, shape, buffer in entries if buffer})
+
+
+# -- models -------------------------------------------------------------------------------------
 
 
 class Network(Module):
@@ -48,6 +312,7 @@ class Network(Module):
         for block in self.blocks:
             outs.append(block(outs[-1]))
         return outs
+
 
 
 def _apply_init(blocks: list[Module], classifier: Linear, init: str, zero_init_residual: bool):
@@ -93,36 +358,31 @@ def resnet_cifar(n: int, *, width: float = 1, in_channels: int = 3, num_classes:
     et al. 2016. ``block="highway"`` swaps in highway blocks. ``init`` is "he", "xavier",
     "orthogonal" or "fixup" (zero last branch layer and classifier, L^(-1/(2m-2)) scaling; use it
     with ``norm=False``); ``skipinit`` adds a learnable branch scalar α with that initial value.
+    Every argument is checked first (:func:`validate_config`).
     """
-    config = {"model": "resnet_cifar", **{k: v for k, v in locals().items() if k != "config"}}
-    if n < 1:
-        raise ValueError(f"resnet_cifar: n must be >= 1, got {n}")
+    config = validate_config({"model": "resnet_cifar", **locals()})
     r = as_rng(seed)
-    widths = [max(1, round(c * width)) for c in (16, 32, 64)]
+    first, *_, last = _stage_widths(width)
     pre = order in _PREACT
-    stem_conv = Conv2d(in_channels, widths[0], 3, 1, 1, bias=not norm, init=_layer_init(init),
+    stem_conv = Conv2d(in_channels, first, 3, 1, 1, bias=not norm, init=_layer_init(init),
                        dtype=dtype, rng=r)
     stem = stem_conv if pre else Sequential(
-        stem_conv, BatchNorm2d(widths[0], dtype=dtype) if norm else Identity(),
+        stem_conv, BatchNorm2d(first, dtype=dtype) if norm else Identity(),
         make_activation(activation))
-    blocks, c_in = [], widths[0]
-    for stage, c_out in enumerate(widths):
-        for i in range(n):
-            stride = 2 if stage > 0 and i == 0 else 1
+    blocks = []
+    for c_in, c_out, stride, count in _runs(config):
+        for _ in range(count):
             if block == "highway":
                 b = HighwayBlock(c_in, c_out, stride, gate_bias=gate_bias, norm=norm,
                                  activation=activation, shortcut=shortcut,
                                  init=_layer_init(init), dtype=dtype, rng=r)
-            elif block == "basic":
+            else:
                 b = BasicBlock(c_in, c_out, stride, residual=residual, order=order, norm=norm,
                                activation=activation, shortcut=shortcut, beta=beta, lam=lam,
                                skipinit=skipinit, init=_layer_init(init), dtype=dtype, rng=r)
-            else:
-                raise ValueError(f"unknown block {block!r}; valid: 'basic', 'highway'")
             blocks.append(b)
-            c_in = c_out
-    classifier = Linear(c_in, num_classes, init=_layer_init(init), dtype=dtype, rng=r)
-    head_parts = ([BatchNorm2d(c_in, dtype=dtype) if norm else Identity(),
+    classifier = Linear(last, num_classes, init=_layer_init(init), dtype=dtype, rng=r)
+    head_parts = ([BatchNorm2d(last, dtype=dtype) if norm else Identity(),
                    make_activation(activation)] if pre else [])
     head = Sequential(*head_parts, GlobalAvgPool2d(), classifier)
     _apply_init(blocks, classifier, init, zero_init_residual)
@@ -139,17 +399,16 @@ def mlp(depth: int, width: int, *, in_features: int = 1, out_features: int = 1,
 
     Each block has ``layers`` linear maps (default 1) arranged by ``order``; with the default
     full pre-activation and one layer, a residual block is ``x + β W act(BN(x))`` (Balduzzi et
-    al. 2017) and the plain block ``W act(BN(x))``.
+    al. 2017) and the plain block ``W act(BN(x))``. Every argument is checked first
+    (:func:`validate_config`).
     """
-    config = {"model": "mlp", **{k: v for k, v in locals().items() if k != "config"}}
-    if depth < 0:
-        raise ValueError(f"mlp: depth must be >= 0, got {depth}")
+    config = validate_config({"model": "mlp", **locals()})
     r = as_rng(seed)
     stem = Linear(in_features, width, init=_layer_init(init), dtype=dtype, rng=r)
-    blocks = [DenseBlock(width, width, residual=residual, order=order, norm=norm,
+    blocks = [DenseBlock(c_in, c_out, residual=residual, order=order, norm=norm,
                          activation=activation, beta=beta, lam=lam, skipinit=skipinit,
                          layers=layers, init=_layer_init(init), dtype=dtype, rng=r)
-              for _ in range(depth)]
+              for c_in, c_out, _, count in _runs(config) for _ in range(count)]
     classifier = Linear(width, out_features, init=_layer_init(init), dtype=dtype, rng=r)
     head_parts = ([BatchNorm1d(width, dtype=dtype) if norm else Identity(),
                    make_activation(activation)] if order in _PREACT else [])
@@ -161,13 +420,8 @@ def mlp(depth: int, width: int, *, in_features: int = 1, out_features: int = 1,
 MODELS = {"resnet_cifar": resnet_cifar, "mlp": mlp}
 
 
-def build_model(config: dict) -> Network:
-    """Rebuild a model from its ``config`` (as stored in checkpoints)."""
-    config = dict(config)
-    name = config.pop("model", None)
-    if name not in MODELS:
-        raise ValueError(f"build_model: unknown model {name!r}; valid: {', '.join(MODELS)}")
-    if name == "resnet_cifar":
-        return resnet_cifar(config.pop("n"), **config)
-    return mlp(config.pop("depth"), config.pop("width"), **config)
-
+def build_model(config: Mapping) -> Network:
+    """Rebuild a model from its ``config`` (as stored in checkpoints), checked first by
+    :func:`validate_config`."""
+    config = validate_config(config)
+    return MODELS[config.pop("model")](**config)
