@@ -17,6 +17,12 @@ multiply-add), with the conventions of each case's ``flops`` (a training step is
 pass), and are shown as a fraction of this machine's GEMM rate, measured at start-up with a
 large NumPy matmul under the same thread limit.
 
+While timing, each library's calls record how long this process's threads were ready to run
+but waiting for a CPU (Linux ``/proc/self/task/*/schedstat``). Above :data:`WAIT_LIMIT` seconds
+per second of wall time the machine was contended (other processes running, or more busy
+threads than cores) and the times measure the scheduler, not the library: such times and the
+ratios built on them are marked ``?`` and reported as unreliable (:func:`contended`).
+
 Memory (the deep case) is the ``tracemalloc`` peak of one forward+backward above the memory
 held before it. It sees every NumPy array buffer (so ours and autograd), but not PyTorch's
 allocator, so no PyTorch memory is reported.
@@ -52,6 +58,11 @@ LIBS: tuple[str, ...] = ("ours", "torch", "autograd")
 # norms); 1e-2 still rejects different work (a changed weight gives O(1) errors).
 TOLERANCE: dict[str, float] = {"float64": 1e-10, "float32": 1e-2}
 THREADS = 2  # the default thread count of every library (BLAS pools, PyTorch intra-op)
+GROUPS: tuple[str, ...] = ("resnet20", "jacobian", "deep")  # the case groups of build_cases
+# Seconds this process's threads may wait for a CPU per second of timed wall time. Measured on
+# an idle 2-core VM: mostly under 0.05, at most 0.15 (thread wake-ups); with two busy-looping
+# processes beside it, 0.33-1.5 (PyTorch's tiny steps then take 60x longer).
+WAIT_LIMIT = 0.2
 
 Outputs = list[np.ndarray]
 Fn = Callable[[], Any]
@@ -110,6 +121,43 @@ def joint_rel_error(outs: Outputs, ref: Outputs) -> float:
     if not math.isfinite(diff):
         return math.inf
     return diff / scale if scale > 0 else diff
+
+
+# -- contention -----------------------------------------------------------------------------------
+def thread_waits() -> dict[str, int] | None:
+    """Nanoseconds each thread of this process has spent ready to run but waiting for a CPU
+    (Linux ``/proc/self/task/<tid>/schedstat``); None where the kernel does not report it."""
+    try:
+        tids = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    waits = {}
+    for tid in tids:
+        with contextlib.suppress(OSError, IndexError, ValueError):  # the thread has just ended
+            with open(f"/proc/self/task/{tid}/schedstat", "rb") as fh:
+                waits[tid] = int(fh.read().split()[1])
+    return waits or None
+
+
+def waited(before: dict[str, int] | None, after: dict[str, int] | None) -> float | None:
+    """Seconds of CPU wait between two :func:`thread_waits` samples (a thread started in between
+    counts from zero); None if either sample is."""
+    if before is None or after is None:
+        return None
+    return sum(max(w - before.get(tid, 0), 0) for tid, w in after.items()) / 1e9
+
+
+def contended(wall_s: float, wait_s: float | None, limit: float = WAIT_LIMIT) -> bool | None:
+    """Whether a timed stretch of ``wall_s`` seconds, during which this process's threads waited
+    ``wait_s`` seconds in all for a CPU, was contended: more than ``limit`` seconds of waiting per
+    second. None when the wait was not measured.
+
+    The wait, not the CPU time, is the evidence: a single-threaded stretch uses one core on an
+    idle machine too, and spinning thread pools burn CPU while they wait for a descheduled peer.
+    """
+    if wait_s is None:
+        return None
+    return wait_s > limit * wall_s
 
 
 # -- cases ----------------------------------------------------------------------------------------
@@ -586,19 +634,43 @@ def build_cases(quick: bool = False) -> list[Case]:
 
 
 # -- running --------------------------------------------------------------------------------------
-def time_fns(fns: dict[str, Fn], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Wall times (s) of ``repeats`` calls of each function, interleaved across libraries."""
+def time_fns(fns: dict[str, Fn], repeats: int, warmup: int = 1
+             ) -> tuple[dict[str, list[float]], dict[str, dict[str, float | None]]]:
+    """Wall times (s) of ``repeats`` calls of each function, interleaved across libraries, and
+    per library the process CPU time and the threads' CPU wait (:func:`thread_waits`; None
+    where not measurable) over those calls, as ``{lib: {"cpu_s": ..., "wait_s": ...}}``."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {lib: [] for lib in fns}
+    usage: dict[str, dict[str, float | None]] = {lib: {"cpu_s": 0.0, "wait_s": 0.0}
+                                                 for lib in fns}
     for _ in range(repeats):
         for lib, fn in fns.items():
             gc.collect()
+            w0, c0 = thread_waits(), time.process_time()
             t0 = time.perf_counter()
             fn()
             times[lib].append(time.perf_counter() - t0)
-    return times
+            c1, w = time.process_time(), waited(w0, thread_waits())
+            u = usage[lib]
+            u["cpu_s"] += c1 - c0
+            u["wait_s"] = None if w is None or u["wait_s"] is None else u["wait_s"] + w
+    return times, usage
+
+
+def contention_record(times: dict[str, list[float]],
+                      usage: dict[str, dict[str, float | None]]) -> dict[str, Any]:
+    """Per library: CPU time and CPU wait per second of wall time, and the :func:`contended`
+    verdict, for the JSON report."""
+    rec: dict[str, Any] = {"wait_limit": WAIT_LIMIT, "contended": {}, "wait_per_wall": {},
+                           "cpu_per_wall": {}}
+    for lib, t in times.items():
+        wall, wait = sum(t), usage[lib]["wait_s"]
+        rec["contended"][lib] = contended(wall, wait)
+        rec["wait_per_wall"][lib] = None if wait is None else wait / wall
+        rec["cpu_per_wall"][lib] = usage[lib]["cpu_s"] / wall
+    return rec
 
 
 def run_case(case: Case, dtype: str, libs: dict[str, Any], repeats: int,
@@ -617,7 +689,7 @@ def run_case(case: Case, dtype: str, libs: dict[str, Any], repeats: int,
         rec.update(case.extra(dtype, libs))
         return rec
     rec["status"] = "ok"
-    times = time_fns(fns, repeats)
+    times, usage = time_fns(fns, repeats)
     flops = case.flops()
     rec["flops"] = flops
     rec["times_s"] = times
@@ -626,6 +698,12 @@ def run_case(case: Case, dtype: str, libs: dict[str, Any], repeats: int,
     rec["fraction_of_gemm"] = {lib: g / gemm[dtype] for lib, g in rec["gflops"].items()}
     med = rec["median_s"]
     rec["ratios"] = {f"ours/{lib}": med["ours"] / med[lib] for lib in med if lib != "ours"}
+    rec["contention"] = contention_record(times, usage)
+    verdict = rec["contention"]["contended"]
+    # a ratio is reliable when neither of its two libraries' times was contended
+    rec["ratio_reliable"] = {
+        f"ours/{lib}": None if None in (verdict["ours"], verdict[lib])
+        else not (verdict["ours"] or verdict[lib]) for lib in med if lib != "ours"}
     del fns
     rec.update(case.extra(dtype, libs))
     return rec
@@ -659,19 +737,32 @@ def run(cases: Sequence[Case], dtypes: Sequence[str], repeats: int,
 
     import miniresnet as mr
 
+    for name, value in (("repeats", repeats), ("threads", threads)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"run: {name} must be an int >= 1, got {value!r}")
+    if not dtypes or set(dtypes) - set(TOLERANCE):
+        raise ValueError(f"run: dtypes must be among {sorted(TOLERANCE)}, got {list(dtypes)}")
+    if "ours" not in libs or set(libs) - set(LIBS):
+        raise ValueError(f"run: libs must include 'ours' and be among {LIBS}, got {list(libs)}")
     modules, missing = import_libs(libs, threads)
     for msg in missing.values():
         echo(f"skipped: {msg}")
     with threadpool_limits(limits=threads), mr.use_backend("numpy"):
+        w0, t0 = thread_waits(), time.perf_counter()
         gemm = {dt: gemm_rate(dt) for dt in dtypes}
-        report: dict[str, Any] = {"environment": environment(gemm, threads), "skipped": missing,
-                                  "results": []}
+        gemm_contended = contended(time.perf_counter() - t0, waited(w0, thread_waits()))
+        env = {**environment(gemm, threads), "gemm_contended": gemm_contended}
+        report: dict[str, Any] = {"environment": env, "skipped": missing, "results": []}
         echo(header(report))
         for case in cases:
             for dt in dtypes:
                 echo(f"running {case.name} [{dt}] ...")
                 rec = run_case(case, dt, modules, repeats, gemm)
                 report["results"].append(rec)
+    verdicts = [v for r in report["results"] if "contention" in r
+                for v in r["contention"]["contended"].values()]
+    # True: some timing was contended; None: contention could not be measured here
+    report["contended"] = True if True in verdicts else None if None in verdicts else False
     return report
 
 
@@ -684,7 +775,8 @@ def header(report: dict[str, Any]) -> str:
     return (f"miniresnet bench | {env['platform']} | {env['cpu_count']} CPUs | numpy "
             f"{env['numpy']} | threads {env['threads']} | OPENBLAS_CORETYPE="
             f"{env['OPENBLAS_CORETYPE']} | load average {env['load_average_at_start']}\n"
-            f"BLAS: {blas}\nGEMM (2048² matmul): {gemm}")
+            f"BLAS: {blas}\nGEMM (2048² matmul): {gemm}"
+            + (" (contended: unreliable)" if env.get("gemm_contended") else ""))
 
 
 def table(report: dict[str, Any]) -> str:
@@ -699,10 +791,11 @@ def table(report: dict[str, Any]) -> str:
         if r["status"] != "ok":
             rows.append(row + ["—"] * 6)
             continue
-        med = r["median_s"]
-        row += [f"{med[lib] * 1e3:.1f}" if lib in med else "skipped" for lib in LIBS]
-        row += [f"{r['ratios'][k]:.2f}" if k in r["ratios"] else "—"
-                for k in ("ours/torch", "ours/autograd")]
+        med, verdict = r["median_s"], r["contention"]["contended"]
+        row += [f"{med[lib] * 1e3:.1f}{'?' * bool(verdict[lib])}" if lib in med else "skipped"
+                for lib in LIBS]
+        row += [f"{r['ratios'][k]:.2f}{'?' * (r['ratio_reliable'][k] is False)}"
+                if k in r["ratios"] else "—" for k in ("ours/torch", "ours/autograd")]
         row.append(" | ".join(
             f"{r['gflops'][lib]:.2f} ({100 * r['fraction_of_gemm'][lib]:.1f}%)"
             if lib in med else "—" for lib in LIBS))
@@ -712,6 +805,7 @@ def table(report: dict[str, Any]) -> str:
     lines = [" | ".join(c.ljust(w) for c, w in zip(cols, widths)),
              "-+-".join("-" * w for w in widths)]
     lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+    lines += contention_notes(report)
     for r in report["results"]:
         if "memory" in r:
             lines.append(f"\nmemory, {r['case']} [{r['dtype']}] ({r['memory_method']}):")
@@ -724,6 +818,23 @@ def table(report: dict[str, Any]) -> str:
                          f"loss alive {g['held_after_backward_MB']:.2f} MB; gradients "
                          f"{g['gradient_MB']:.2f} MB)")
     return "\n".join(lines)
+
+
+def contention_notes(report: dict[str, Any]) -> list[str]:
+    """The lines under the table that say whether its times were measured on a contended
+    machine."""
+    timed = [r["contention"] for r in report["results"] if "contention" in r]
+    waits = [w for c in timed for lib, w in c["wait_per_wall"].items() if c["contended"][lib]]
+    if waits:
+        return [f"? contended: threads of this process waited for a CPU up to {max(waits):.2f} s "
+                f"per second (limit {WAIT_LIMIT}) while timing the marked libraries: other "
+                f"processes were running or more threads were busy than there are cores.",
+                "  Those times and the ratios built on them are UNRELIABLE; rerun on an idle "
+                "machine (or with fewer --threads)."]
+    if any(None in c["contended"].values() for c in timed):
+        return ["contention not measured (no /proc/self/task/*/schedstat here): the times "
+                "assume an otherwise idle machine."]
+    return []
 
 
 def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
@@ -741,40 +852,94 @@ def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
         raise
 
 
+def _whole(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``least``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+    return parse
+
+
+def _names(valid: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a non-empty comma-separated list of names among ``valid``."""
+    def parse(text: str) -> list[str]:
+        names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+        bad = [n for n in names if n not in valid]
+        if bad or not names:
+            what = f"unknown {', '.join(map(repr, bad))}" if bad else "empty list"
+            raise argparse.ArgumentTypeError(f"{what} (choose from {', '.join(valid)})")
+        return names
+    return parse
+
+
+def _json_target(text: str) -> str:
+    """An argparse type: a file path whose folder exists and takes a new file (tried now, so
+    that a long run does not end unable to save)."""
+    if not text or os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder or empty; name a file")
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the folder {folder!r} of {text!r} is not an "
+                                         f"existing folder")
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(
+            f"cannot create a file in the folder {folder!r} ({exc.strerror})") from None
+    return text
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """The command line: ``python -m miniresnet.bench [--cases ...] [--json PATH] [--quick]``."""
-    p = argparse.ArgumentParser(prog="python -m miniresnet.bench", description=__doc__.split(
-        "\n\n")[0])
-    p.add_argument("--cases", default="resnet20,jacobian,deep",
-                   help="comma-separated groups: resnet20, jacobian, deep")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls per library "
-                   "(default 5; at least 5 unless --quick)")
-    p.add_argument("--dtypes", default="float64,float32")
-    p.add_argument("--libs", default=",".join(LIBS), help="subset of ours,torch,autograd")
-    p.add_argument("--threads", type=int, default=THREADS, help="threads for every library")
-    p.add_argument("--json", metavar="PATH", help="save the full report here")
+    """The command line: see ``python -m miniresnet.bench --help``. Ctrl-C stops it with exit
+    status 130 after one line (the report is written only at the end)."""
+    prog = "python -m miniresnet.bench"
+    p = argparse.ArgumentParser(
+        prog=prog, description="Time miniresnet side by side with PyTorch and HIPS autograd, "
+        "in one process, after checking that every library computes the same numbers.",
+        epilog="Times and ratios marked '?' were measured while this process's threads waited "
+               "for a CPU (a contended machine) and are unreliable. Ctrl-C stops it (exit "
+               "status 130); nothing is written.")
+    p.add_argument("--cases", type=_names(GROUPS), default=",".join(GROUPS),
+                   help=f"comma-separated case groups among {', '.join(GROUPS)} "
+                        f"(default: %(default)s)")
+    p.add_argument("--repeats", type=_whole(1), default=None,
+                   help="timed calls per library, at least 5 unless --quick (default: 5, or 2 "
+                        "with --quick)")
+    p.add_argument("--dtypes", type=_names(tuple(TOLERANCE)), default=",".join(TOLERANCE),
+                   help=f"comma-separated, among {', '.join(TOLERANCE)} (default: "
+                        f"%(default)s)")
+    p.add_argument("--libs", type=_names(LIBS), default=",".join(LIBS),
+                   help=f"comma-separated, among {', '.join(LIBS)}; must include ours "
+                        f"(default: %(default)s)")
+    p.add_argument("--threads", type=_whole(1), default=THREADS,
+                   help="threads of every library (BLAS pools, PyTorch) (default: %(default)s)")
+    p.add_argument("--json", metavar="PATH", type=_json_target, default=None,
+                   help="save the full report here as JSON (its folder must exist)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats (for tests)")
     a = p.parse_args(argv)
     repeats = a.repeats if a.repeats is not None else (2 if a.quick else 5)
     if repeats < 5 and not a.quick:
-        p.error("--repeats must be at least 5 (or use --quick)")
-    groups = [g.strip() for g in a.cases.split(",") if g.strip()]
-    cases = [c for c in build_cases(a.quick) if c.group in groups]
-    unknown = set(groups) - {c.group for c in build_cases(a.quick)}
-    if unknown:
-        p.error(f"unknown cases {sorted(unknown)}")
-    dtypes = [d.strip() for d in a.dtypes.split(",") if d.strip()]
-    if set(dtypes) - set(TOLERANCE):
-        p.error(f"dtypes must be among {sorted(TOLERANCE)}")
-    libs = [lib.strip() for lib in a.libs.split(",") if lib.strip()]
-    if "ours" not in libs or set(libs) - set(LIBS):
-        p.error(f"--libs must include 'ours' and be among {LIBS}")
-    report = run(cases, dtypes, repeats, libs, threads=a.threads)
-    report["repeats"] = repeats
-    print(table(report))
-    if a.json:
-        write_json(report, a.json)
-        print(f"saved {a.json}")
+        p.error(f"argument --repeats: must be at least 5 without --quick, got {repeats}")
+    if "ours" not in a.libs:
+        p.error(f"argument --libs: must include ours, got {','.join(a.libs)}")
+    cases = [c for c in build_cases(a.quick) if c.group in a.cases]
+    try:
+        report = run(cases, a.dtypes, repeats, a.libs, threads=a.threads)
+        report["repeats"] = repeats
+        print(table(report))
+        if a.json:
+            write_json(report, a.json)
+            print(f"saved {a.json}")
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted (Ctrl-C)" + ("; no report saved" if a.json else ""),
+              file=sys.stderr)
+        raise SystemExit(130) from None
     return report
 
 
