@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -16,13 +19,62 @@ from miniresnet.data import batches
 from miniresnet.nn.module import Module
 from miniresnet.optim import (
     SGD,
+    check_int,
+    check_real,
     clip_grad_norm_,
     clip_grad_value_,
     constant_schedule,
     cosine_schedule,
     step_schedule,
 )
-from miniresnet.tracing import make, no_grad
+from miniresnet.tracing import as_tensor, make, no_grad
+
+
+class DivergenceError(FloatingPointError):
+    """Training met a non-finite loss or gradient; the model and optimiser were left at their
+    state after the last good step.
+
+    Attributes
+    ----------
+    epoch, step : int
+        Where it happened (``step`` counts the minibatches of that epoch from 0).
+    loss : float
+        The loss of the failing minibatch.
+    """
+
+    def __init__(self, message: str, epoch: int, step: int, loss: float):
+        super().__init__(message)
+        self.epoch, self.step, self.loss = epoch, step, loss
+
+
+def _checked_loss(loss, params) -> float:
+    """The loss as a float, or NaN unless the loss and every gradient are finite, with one host
+    transfer: ``g · 0`` is 0 for finite ``g`` and NaN otherwise, and summing zeros cannot
+    overflow (a plain sum of the gradients could), so the probe equals the loss exactly when
+    everything is finite."""
+    probe = loss.raw
+    with np.errstate(invalid="ignore"):  # inf · 0 is the point, not a slip worth a warning
+        for p in params:
+            if p.grad is not None:
+                probe = probe + p.backend.xp.sum(p.grad.raw * 0)
+    return as_tensor(probe).item()
+
+
+def _divergence(model, optimizer, loss, epoch: int, step: int) -> DivergenceError:
+    value = loss.item()
+    if math.isfinite(value):
+        names = {id(p): name for name, p in model.named_parameters()}
+        bad = next(names.get(id(p), f"parameter {i} of the optimizer")
+                   for i, p in enumerate(optimizer.params)
+                   if p.grad is not None and not as_tensor(
+                       p.backend.xp.all(p.backend.xp.isfinite(p.grad.raw))).item())
+        what = f"the gradient of {bad} became non-finite (loss {value})"
+    else:
+        what = f"the loss became {value}"
+    return DivergenceError(
+        f"fit: {what} at epoch {epoch}, step {step}; the model and optimizer keep their state "
+        "after the previous step. Lower the learning rate, clip gradients (clip_norm=...) or "
+        "check the data for NaN/inf", epoch, step, value)
 
 
 @dataclass
@@ -49,8 +101,16 @@ def _take(xp, a, idx):
     return xp.take(a, idx, axis=0)
 
 
+def _hits(xp, logits, y):
+    """How many rows of ``logits`` put their maximum on the label, as a 0-d device array."""
+    return xp.sum(xp.astype(xp.argmax(logits.raw, axis=1) == y, xp.int64))
+
+
 def evaluate(model: Module, x, y, batch_size: int = 500) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)`` in evaluation mode."""
+    """Mean cross-entropy and accuracy of ``model`` on ``(x, y)`` in evaluation mode (NaN for
+    both if ``x`` has no rows)."""
+    if x.shape[0] == 0:
+        return math.nan, math.nan
     was_training = model.training
     model.eval()
     xp = make(x).backend.xp
@@ -59,14 +119,14 @@ def evaluate(model: Module, x, y, batch_size: int = 500) -> tuple[float, float]:
     try:
         with no_grad():
             for start in range(0, n, batch_size):
-                idx = xp.arange(start, min(n, start + batch_size))
-                xb, yb = _take(xp, x, idx), _take(xp, y, idx)
+                stop = min(n, start + batch_size)  # the array API leaves stops past n undefined
+                xb, yb = x[start:stop, ...], y[start:stop]
                 logits = model(xb)
                 loss_sum += float(F.cross_entropy(logits, yb, reduction="sum").item())
-                correct += int(xp.sum(xp.astype(xp.argmax(logits.raw, axis=1) == yb, xp.int64)))
+                correct = correct + _hits(xp, logits, yb)  # stays on the device
     finally:
         model.train(was_training)
-    return loss_sum / n, correct / n
+    return loss_sum / n, as_tensor(correct).item() / n
 
 
 def make_schedule(schedule, lr: float, epochs: int, milestones=None) -> Callable[[int], float]:
@@ -96,13 +156,25 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
     machine give a bit-identical history, and training resumed from a checkpoint at
     ``start_epoch`` (pass the restored ``optimizer``) continues exactly as an uninterrupted run.
 
+    Every argument, and the learning rate the schedule gives for every epoch to be run, is
+    checked before training starts. The loss and the gradients are checked before each step:
+    if one is not finite, or the step is interrupted (Ctrl-C), the weights, the batch-norm
+    running statistics and the optimiser state are put back as they were after the previous
+    step.
+
     Parameters
     ----------
     epochs : int
-        The epoch to stop at (training runs ``start_epoch .. epochs-1``).
+        The epoch to stop at (training runs ``start_epoch .. epochs-1``; ``start_epoch <
+        epochs``).
+    lr, momentum, nesterov, weight_decay
+        For the :class:`~miniresnet.optim.SGD` made when no ``optimizer`` is given (``lr`` is
+        also the schedule's base rate).
     schedule : "cosine" (default), "step", "constant" or callable epoch -> lr
     clip_norm, clip_value : float, optional
-        Clip gradients by global norm / by value before each step.
+        Clip gradients by global norm / by value before each step (finite, > 0).
+    seed : int
+        Non-negative; the shuffles' seed.
     progress : bool, optional
         Show a tqdm bar; by default only when stderr is a terminal.
     on_epoch_end : callable, optional
@@ -111,16 +183,48 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
     Returns
     -------
     History
+
+    Raises
+    ------
+    DivergenceError
+        (a ``FloatingPointError``) When a loss or gradient is not finite; it names the epoch,
+        the step within it and the loss.
     """
+    epochs = check_int("fit", "epochs", epochs, 1)
+    start_epoch = check_int("fit", "start_epoch", start_epoch, 0)
+    if start_epoch >= epochs:
+        raise ValueError(f"fit: start_epoch={start_epoch} leaves nothing to train with "
+                         f"epochs={epochs} (training runs start_epoch .. epochs-1)")
+    batch_size = check_int("fit", "batch_size", batch_size, 1)
+    seed = check_int("fit", "seed", seed, 0)
+    lr = check_real("fit", "lr", lr)
+    for name, value in (("clip_norm", clip_norm), ("clip_value", clip_value)):
+        if value is not None:
+            check_real("fit", name, value, positive=True)
     if optimizer is None:
         optimizer = SGD(model.parameters(), lr=lr, momentum=momentum, nesterov=nesterov,
                         weight_decay=weight_decay)
+    elif not isinstance(optimizer, SGD):
+        raise TypeError(f"fit: optimizer must be an SGD, got {type(optimizer).__name__}")
     lr_at = make_schedule(schedule, lr, epochs, milestones)
+    lrs = {}
+    for epoch in range(start_epoch, epochs):  # schedules are pure: check them all up front
+        value = lr_at(epoch)
+        try:
+            lrs[epoch] = check_real("fit", "the learning rate", value)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{e} (from schedule {schedule!r} at epoch {epoch})") from None
     x, y = data.x_train, data.y_train
     be = make(x).backend
     xp = be.xp
     n = x.shape[0]
+    if n == 0:
+        raise ValueError("fit: data.x_train holds no examples")
     steps = math.ceil(n / batch_size)
+    # Updates replace arrays (SGD.step, batch norm's running statistics), so references to the
+    # current arrays are a snapshot of the whole training state.
+    tensors = list({id(t): t for t in (*model.parameters(), *model.buffers(),
+                                       *optimizer.params)}.values())
     history = History()
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=(epochs - start_epoch) * steps, disable=not show, unit="step",
@@ -129,33 +233,39 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
     try:
         for epoch in range(start_epoch, epochs):
             start = time.perf_counter()
-            optimizer.lr = lr_at(epoch)
+            optimizer.lr = lrs[epoch]
             epoch_rng = np.random.default_rng([seed, epoch])  # depends on (seed, epoch) only
             loss_sum, correct = 0.0, 0
             for s, idx in enumerate(batches(n, batch_size, epoch_rng, backend=be)):
                 xb, yb = _take(xp, x, idx), _take(xp, y, idx)
-                logits = model(xb)
-                loss = F.cross_entropy(logits, yb)
-                loss.backward()
-                if clip_norm is not None:
-                    clip_grad_norm_(optimizer.params, clip_norm)
-                if clip_value is not None:
-                    clip_grad_value_(optimizer.params, clip_value)
-                optimizer.step()
-                optimizer.zero_grad()
-                batch_loss = float(loss.item())
-                if not math.isfinite(batch_loss):
-                    raise FloatingPointError(
-                        f"fit: the loss became {batch_loss} at epoch {epoch}, step {s}; lower "
-                        "the learning rate or clip gradients (clip_norm=...)"
-                    )
+                saved = [t.raw for t in tensors], optimizer.state_dict()
+                try:
+                    logits = model(xb)
+                    loss = F.cross_entropy(logits, yb)
+                    loss.backward()
+                    batch_loss = _checked_loss(loss, optimizer.params)
+                    if not math.isfinite(batch_loss):
+                        raise _divergence(model, optimizer, loss, epoch, s)
+                    if clip_norm is not None:
+                        clip_grad_norm_(optimizer.params, clip_norm)
+                    if clip_value is not None:
+                        clip_grad_value_(optimizer.params, clip_value)
+                    optimizer.step()
+                except BaseException:  # a failed or interrupted step leaves no trace
+                    for t, raw in zip(tensors, saved[0]):
+                        t.data = raw
+                    optimizer.load_state_dict(saved[1])
+                    raise
+                finally:
+                    optimizer.zero_grad()
                 loss_sum += batch_loss * idx.shape[0]
-                correct += int(xp.sum(xp.astype(xp.argmax(logits.raw, axis=1) == yb, xp.int64)))
+                correct = correct + _hits(xp, logits, yb)  # stays on the device
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{batch_loss:.3f}")
             test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
             history.records.append({"epoch": epoch, "lr": optimizer.lr,
-                                    "train_loss": loss_sum / n, "train_acc": correct / n,
+                                    "train_loss": loss_sum / n,
+                                    "train_acc": as_tensor(correct).item() / n,
                                     "test_loss": test_loss, "test_acc": test_acc})
             history.seconds.append(time.perf_counter() - start)
             if on_epoch_end is not None:
@@ -165,51 +275,219 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
     return history
 
 
-def main(argv: list[str] | None = None) -> History:
-    """``python -m miniresnet.train``: train a CIFAR-style ResNet (or its plain twin) on digits."""
-    import argparse
+# -- the command line ---------------------------------------------------------------------------
+PROG = "python -m miniresnet.train"
+_DEFAULTS = {"n": 3, "order": "post", "width": 1.0, "dtype": "float32", "epochs": 15,
+             "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4, "schedule": "cosine", "seed": 0}
+_ARCHITECTURE = ("n", "order", "width", "dtype")  # and --plain: taken from a resumed checkpoint
+_SCHEDULES = ("cosine", "step", "constant")
 
-    from miniresnet import data as datasets
+
+def _number(kind: type, low: float, strict: bool = False) -> Callable[[str], float]:
+    """An argparse ``type``: text -> finite ``kind`` ``>= low`` (``> low`` if strict)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'a whole' if kind is int else 'a'} "
+                                             f"number, got {text!r}") from None
+        if not (math.isfinite(value) and (value > low if strict else value >= low)):
+            raise argparse.ArgumentTypeError(
+                f"must be {'finite and ' * (kind is float)}{'>' if strict else '>='} {low:g}, "
+                f"got {text}")
+        return value
+    return parse
+
+
+def _schedule(text: str) -> str:
+    if text not in _SCHEDULES:
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from "
+                                         f"{', '.join(_SCHEDULES)})")
+    return text
+
+
+_count, _positive, _non_negative = _number(int, 1), _number(float, 0, True), _number(float, 0)
+# how every training setting is read, from the command line or from a resumed checkpoint
+_TRAINING = {"epochs": _count, "batch_size": _count, "lr": _non_negative,
+             "weight_decay": _non_negative, "schedule": _schedule, "seed": _number(int, 0)}
+
+
+def _parser() -> argparse.ArgumentParser:
     from miniresnet import nn
-    from miniresnet.checkpoint import save_checkpoint
+    from miniresnet.backends import BACKEND_NAMES
+    from miniresnet.config import current_backend
+
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Train a CIFAR-style ResNet (or its plain counterpart) on the 8x8 "
+                    "handwritten digits with SGD and cross-entropy, printing each epoch's "
+                    "metrics.",
+        epilog=f"Example: {PROG} --n 1 --width 0.5 --epochs 5 --save run.safetensors, then "
+               f"{PROG} --resume run.safetensors --epochs 10 to train on. Ctrl-C stops it (exit "
+               f"status 130) after one line saying what was saved.")
+    model = p.add_argument_group("model (with --resume, taken from the checkpoint)")
+    model.add_argument("--n", type=_count, default=None,
+                       help=f"blocks per stage: 6n+2 layers (default: {_DEFAULTS['n']})")
+    model.add_argument("--plain", action="store_true", help="the plain counterpart (no "
+                       "shortcuts) instead of the ResNet")
+    model.add_argument("--order", choices=nn.ORDERS, default=None,
+                       help=f"order of the residual block's layers (default: "
+                            f"{_DEFAULTS['order']})")
+    model.add_argument("--width", type=_positive, default=None,
+                       help=f"channel multiplier, > 0 (default: {_DEFAULTS['width']})")
+    model.add_argument("--dtype", choices=("float32", "float64"), default=None,
+                       help=f"(default: {_DEFAULTS['dtype']})")
+    train = p.add_argument_group("training (with --resume, defaults are the checkpoint's run)")
+    train.add_argument("--epochs", type=_count, default=None,
+                       help=f"train epochs 0 .. EPOCHS-1 (default: {_DEFAULTS['epochs']})")
+    train.add_argument("--batch-size", type=_count, default=None,
+                       help=f"(default: {_DEFAULTS['batch_size']})")
+    train.add_argument("--lr", type=_non_negative, default=None,
+                       help=f"base learning rate, >= 0 (default: {_DEFAULTS['lr']})")
+    train.add_argument("--weight-decay", type=_non_negative, default=None,
+                       help=f"L2 penalty, >= 0 (default: {_DEFAULTS['weight_decay']})")
+    train.add_argument("--schedule", choices=_SCHEDULES, default=None,
+                       help=f"learning-rate schedule over the epochs (default: "
+                            f"{_DEFAULTS['schedule']})")
+    train.add_argument("--seed", type=_TRAINING["seed"], default=None,
+                       help=f"seeds the split, the initial weights and the shuffles "
+                            f"(default: {_DEFAULTS['seed']})")
+    p.add_argument("--backend", choices=BACKEND_NAMES, default=current_backend().name,
+                   help="array backend (default: %(default)s, from MINIRESNET_BACKEND)")
+    p.add_argument("--save", metavar="PATH", default=None,
+                   help="write a checkpoint (.safetensors) here after each epoch")
+    p.add_argument("--resume", metavar="PATH", default=None,
+                   help="continue the run saved in this checkpoint, at the epoch after the "
+                        "last one it holds")
+    return p
+
+
+def _check_target(parser: argparse.ArgumentParser, path: str) -> None:
+    """Fail now, not after the first epoch, if ``--save`` cannot be written."""
+    target = Path(path)
+    folder = target.parent
+    if target.is_dir():
+        parser.error(f"argument --save: {path!r} is a folder; name a file in it")
+    if not folder.is_dir():
+        parser.error(f"argument --save: the folder {str(folder)!r} of {path!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        parser.error(f"argument --save: the folder {str(folder)!r} is not writable")
+
+
+def _resume(parser: argparse.ArgumentParser, path: str):
+    """The model, optimiser, epoch and training settings saved at ``path``, all checked."""
+    from miniresnet.checkpoint import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        parser.error(f"argument --resume: {e}")
+    config = ckpt.config or {}
+    if (config.get("model"), config.get("in_channels"), config.get("num_classes")) != (
+            "resnet_cifar", 1, 10):
+        parser.error(f"argument --resume: {path!r} holds no digits ResNet made by {PROG}")
+    if ckpt.epoch is None or ckpt.optimizer_state is None:
+        parser.error(f"argument --resume: {path!r} holds no epoch or no optimizer state")
+    optimizer = SGD(ckpt.model.parameters(), momentum=0.9)
+    try:
+        optimizer.load_state_dict(ckpt.optimizer_state)
+    except (KeyError, TypeError, ValueError) as e:
+        parser.error(f"argument --resume: {path!r} holds an unusable optimizer state: {e}")
+    extra = {} if ckpt.extra is None else ckpt.extra
+    stored = extra.get("train", {}) if isinstance(extra, dict) else None
+    if not isinstance(stored, dict) or set(stored) - set(_TRAINING):
+        parser.error(f"argument --resume: {path!r} has unreadable training settings")
+    try:  # checked as if they were typed on the command line
+        stored = {k: _TRAINING[k](str(v)) for k, v in stored.items()}
+    except argparse.ArgumentTypeError as e:
+        parser.error(f"argument --resume: {path!r} has a bad training setting: {e}")
+    return ckpt.model, optimizer, ckpt.epoch, stored
+
+
+def main(argv: list[str] | None = None) -> History:
+    """``python -m miniresnet.train``: see ``python -m miniresnet.train --help``.
+
+    Ctrl-C stops it with exit status 130 after one line saying what was saved; a diverging
+    run (:class:`DivergenceError`) exits with status 1 and its message. The backend is
+    selected for this call only."""
+    from miniresnet.backends import BackendUnavailable
     from miniresnet.config import use_backend
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--n", type=int, default=3, help="blocks per stage (6n+2 layers)")
-    parser.add_argument("--plain", action="store_true", help="the plain counterpart")
-    parser.add_argument("--order", default="post", choices=nn.ORDERS)
-    parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--weight-decay", type=float, default=5e-4)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    parser.add_argument("--backend", default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save", default=None, help="write a checkpoint here after each epoch")
+    parser = _parser()
     args = parser.parse_args(argv)
-    if args.backend:
-        use_backend(args.backend)
-    data = datasets.load_digits(dtype=args.dtype, seed=args.seed)
-    model = nn.resnet_cifar(args.n, in_channels=1, num_classes=data.num_classes,
-                            residual=not args.plain, order=args.order, width=args.width,
-                            dtype=args.dtype, seed=args.seed)
-    kind = "plain" if args.plain else "ResNet"
-    print(f"{kind}-{6 * args.n + 2} ({model.num_parameters():,} parameters) on {data!r}")
-
-    def report(epoch, model, optimizer, history):
-        r = history.records[-1]
-        print(f"epoch {epoch:3d}  lr {r['lr']:.4f}  train loss {r['train_loss']:.4f}  "
-              f"train acc {r['train_acc']:.4f}  test acc {r['test_acc']:.4f}  "
-              f"({history.seconds[-1]:.1f} s)")
-        if args.save:
-            save_checkpoint(args.save, model, optimizer, epoch=epoch + 1)
-
-    history = fit(model, data, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                  weight_decay=args.weight_decay, seed=args.seed, on_epoch_end=report)
+    given = {k: v for k, v in vars(args).items() if k in _DEFAULTS and v is not None}
+    if args.resume and (clash := [k for k in _ARCHITECTURE if k in given] + ["plain"] * args.plain):
+        parser.error(f"argument --resume: the model comes from the checkpoint; do not give "
+                     f"{', '.join('--' + k for k in clash)}")
+    if args.save:
+        _check_target(parser, args.save)
+    try:
+        backend = use_backend(args.backend)
+    except BackendUnavailable as e:
+        parser.error(f"argument --backend: {e}")
+    progress = {"epoch": 0, "saved": None}  # the epoch under way, the last one saved
+    try:
+        with backend:
+            history = _run(parser, args, given, progress)
+    except (KeyboardInterrupt, DivergenceError) as e:
+        if progress["saved"] is None:
+            saved = "nothing was saved" + ("" if args.save else " (no --save)")
+        else:
+            saved = (f"{args.save} holds the model after epoch {progress['saved']} (continue "
+                     f"with {PROG} --resume {args.save})")
+        if isinstance(e, KeyboardInterrupt):
+            print(f"interrupted in epoch {progress['epoch']}: {saved}", file=sys.stderr)
+            raise SystemExit(130) from None
+        print(f"{PROG}: {e}; {saved}", file=sys.stderr)
+        raise SystemExit(1) from None
     print(f"final test accuracy {history.records[-1]['test_acc']:.4f} in "
           f"{sum(history.seconds):.1f} s")
     return history
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace, given: dict,
+         progress: dict) -> History:
+    """Everything after the command line's own checks: the checkpoint's, then training."""
+    from miniresnet import data as datasets
+    from miniresnet import nn
+    from miniresnet.checkpoint import save_checkpoint
+
+    model, optimizer, start, stored = (_resume(parser, args.resume) if args.resume
+                                       else (None, None, 0, {}))
+    settings = {**_DEFAULTS, **stored, **given}
+    if start >= settings["epochs"]:
+        parser.error(f"argument --epochs: the checkpoint already holds {start} epochs; ask for "
+                     f"more than {settings['epochs']} to train on")
+    progress["epoch"] = start
+    if model is None:
+        model = nn.resnet_cifar(settings["n"], in_channels=1, num_classes=10,
+                                residual=not args.plain, order=settings["order"],
+                                width=settings["width"], dtype=settings["dtype"],
+                                seed=settings["seed"])
+    else:
+        optimizer.weight_decay = settings["weight_decay"]
+    config = model.config
+    data = datasets.load_digits(dtype=config["dtype"], seed=settings["seed"])
+    kind = "ResNet" if config["residual"] else "plain"
+    where = f"from {args.resume} at epoch {start} " if args.resume else ""
+    print(f"{kind}-{6 * config['n'] + 2} ({model.num_parameters():,} parameters) {where}"
+          f"on {data!r}", flush=True)
+
+    def report(epoch, model, optimizer, history):
+        if args.save:
+            save_checkpoint(args.save, model, optimizer, epoch=epoch + 1,
+                            extra={"train": {k: settings[k] for k in _TRAINING}})
+            progress["saved"] = epoch
+        progress["epoch"] = epoch + 1
+        r = history.records[-1]
+        print(f"epoch {epoch:3d}  lr {r['lr']:.4f}  train loss {r['train_loss']:.4f}  "
+              f"train acc {r['train_acc']:.4f}  test acc {r['test_acc']:.4f}  "
+              f"({history.seconds[-1]:.1f} s)", flush=True)
+
+    return fit(model, data, epochs=settings["epochs"], batch_size=settings["batch_size"],
+               lr=settings["lr"], weight_decay=settings["weight_decay"],
+               schedule=settings["schedule"], seed=settings["seed"], optimizer=optimizer,
+               start_epoch=start, on_epoch_end=report)
 
 
 if __name__ == "__main__":

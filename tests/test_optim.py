@@ -10,6 +10,7 @@ from miniresnet.optim import (
     SGD,
     clip_grad_norm_,
     clip_grad_value_,
+    constant_schedule,
     cosine_schedule,
     step_schedule,
 )
@@ -80,3 +81,67 @@ def test_clipping(backend):
     b.grad = backend.asarray(np.array([-2.0, 0.5]), "float64")
     clip_grad_value_([b], 1.0)
     np.testing.assert_array_equal(mr.to_numpy(b.grad), [-1.0, 0.5])
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(lr=float("nan")), ValueError, "lr must be a finite number >= 0, got nan"),
+    (dict(lr=float("inf")), ValueError, "lr must be a finite number >= 0, got inf"),
+    (dict(lr=-0.1), ValueError, "lr must be a finite number >= 0, got -0.1"),
+    (dict(lr=True), TypeError, "lr must be a real number, got True"),
+    (dict(lr="0.1"), TypeError, "lr must be a real number, got '0.1'"),
+    (dict(momentum=-0.1), ValueError, "momentum must be a finite number >= 0 and < 1"),
+    (dict(momentum=1.0), ValueError, "momentum must be a finite number >= 0 and < 1, got 1.0"),
+    (dict(momentum=float("nan")), ValueError, "momentum must be"),
+    (dict(weight_decay=-1e-4), ValueError, "weight_decay must be a finite number >= 0"),
+    (dict(weight_decay=float("inf")), ValueError, "weight_decay must be a finite number"),
+    (dict(momentum=0.9, nesterov="yes"), TypeError, "nesterov must be a bool, got 'yes'"),
+])
+def test_sgd_rejects_bad_hyperparameters(backend, kwargs, error, match):
+    with pytest.raises(error, match=f"SGD: {match}"):
+        SGD([_param(backend, [1.0])], **kwargs)
+
+
+def test_sgd_checks_every_learning_rate_and_loaded_state(backend):
+    p = _param(backend, [1.0, 2.0])
+    opt = SGD([p], lr=0.0, momentum=0.5)  # lr 0 is allowed (warm-up schedules start there)
+    for bad in (float("nan"), -1.0, float("-inf")):
+        with pytest.raises(ValueError, match="SGD: lr must be a finite number >= 0"):
+            opt.lr = bad
+    assert opt.lr == 0.0
+    mr.sum(p * p).backward()
+    opt.step()
+    before = opt.state_dict()
+    for key, bad, error in (("momentum", 1.5, ValueError), ("lr", float("nan"), ValueError),
+                            ("steps", -1, ValueError), ("steps", 1.5, TypeError),
+                            ("nesterov", 1, TypeError)):
+        with pytest.raises(error, match=f"SGD.load_state_dict: {key} must"):
+            opt.load_state_dict({**before, key: bad})
+        assert opt.state_dict() == before  # a rejected state changes nothing
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: step_schedule(float("nan"), [1]), "step_schedule: lr must be a finite number"),
+    (lambda: step_schedule(0.1, [1], gamma=-0.5), "step_schedule: gamma must be a finite"),
+    (lambda: step_schedule(0.1, [-1]), "step_schedule: milestone must be >= 0, got -1"),
+    (lambda: cosine_schedule(-0.1, 10), "cosine_schedule: lr must be a finite number >= 0"),
+    (lambda: cosine_schedule(0.1, 10, min_lr=float("inf")), "cosine_schedule: min_lr must"),
+    (lambda: constant_schedule(float("inf")), "constant_schedule: lr must be a finite number"),
+])
+def test_schedules_reject_bad_rates(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, float("nan"), float("inf")])
+def test_clipping_rejects_bad_thresholds(backend, bad):
+    p = _param(backend, [3.0, -4.0])
+    p.grad = p.raw * 1.0
+    with pytest.raises(ValueError, match=f"clip_grad_norm_: max_norm must be a finite number "
+                                         f"> 0, got {bad}"):
+        clip_grad_norm_([p], bad)
+    with pytest.raises(ValueError, match=f"clip_grad_value_: clip_value must be a finite "
+                                         f"number > 0, got {bad}"):
+        clip_grad_value_([p], bad)
+    with pytest.raises(TypeError, match="clip_grad_value_: clip_value must be a real number"):
+        clip_grad_value_([p], True)
+    np.testing.assert_array_equal(mr.to_numpy(p.grad), [3.0, -4.0])  # untouched

@@ -1,6 +1,7 @@
 """fit(): real training on digits, reproducibility, resuming from a checkpoint."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ import miniresnet as mr
 from miniresnet import data, nn
 from miniresnet.checkpoint import load_checkpoint, save_checkpoint
 from miniresnet.optim import SGD
-from miniresnet.train import evaluate, fit, main
+from miniresnet.train import DivergenceError, evaluate, fit, main
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_resume_from_checkpoint_equals_uninterrupted(digits, tmp_path):
     kwargs = dict(epochs=3, batch_size=64, lr=0.05, schedule="cosine", progress=False)
     full_model = small()
     full = fit(full_model, digits, **kwargs)
-    path = tmp_path / "ckpt.npz"
+    path = tmp_path / "ckpt.safetensors"
     first = small()
     fit(first, digits, **kwargs, on_epoch_end=lambda e, m, o, h: e == 0 and save_checkpoint(
         path, m, o, epoch=e + 1) or None)
@@ -77,8 +78,149 @@ def _flat(d):
 def test_cli_trains_and_checkpoints(backend, tmp_path, capsys):
     if backend.name != "numpy":
         pytest.skip("the CLI is exercised once")
-    path = tmp_path / "run.npz"
+    path = tmp_path / "run.safetensors"
     main(["--n", "1", "--width", "0.25", "--epochs", "1", "--save", str(path)])
     out = capsys.readouterr().out
     assert "ResNet-8" in out and "final test accuracy" in out
     assert load_checkpoint(path).epoch == 1
+
+
+def _state(model, optimizer):
+    """Host copies of everything a step changes: weights, running statistics, optimiser."""
+    host = {k: mr.to_numpy(v) for k, v in model.state_dict().items()}
+    host.update({f"opt.{k}": mr.to_numpy(v) if hasattr(v, "shape") else v
+                 for k, v in optimizer.state_dict().items()})
+    return host
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _one_step_epochs(digits):
+    """64 training images in one minibatch: epoch e is exactly step e."""
+    return subset(digits, n_train=64, n_test=16)
+
+
+def _poison(d, row, value):
+    """``d`` with every pixel of training image ``row`` set to ``value``."""
+    rows = np.arange(d.n_train).reshape(-1, 1, 1, 1) == row
+    return dataclasses.replace(d, x_train=d.backend.xp.where(d.backend.asarray(rows), value,
+                                                             d.x_train))
+
+
+def _sgd(model, lr):
+    return SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # overflow on the way
+@pytest.mark.parametrize("lr,match", [(1e100, "the loss became nan"),
+                                      (1e150, "the gradient of stem.0.weight became non-finite")])
+def test_divergence_leaves_the_last_good_state(digits, lr, match):
+    digits = _one_step_epochs(digits)
+    kwargs = dict(batch_size=64, lr=lr, schedule="constant", progress=False)
+    model = small()
+    opt = _sgd(model, lr)
+    with pytest.raises(DivergenceError, match=match) as info:
+        fit(model, digits, epochs=50, optimizer=opt, **kwargs)
+    e = info.value
+    assert e.epoch >= 1 and e.step == 0 and f"at epoch {e.epoch}, step 0" in str(e)
+    assert all(p.grad is None for p in opt.params)
+    reference = small()
+    reference_opt = _sgd(reference, lr)
+    fit(reference, digits, epochs=e.epoch, optimizer=reference_opt, **kwargs)  # stops before
+    assert reference_opt.steps == opt.steps == e.epoch
+    _assert_same_state(_state(model, opt), _state(reference, reference_opt))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # overflow on the way
+def test_nan_in_the_data_leaves_the_last_good_state(digits):
+    digits = _one_step_epochs(digits)
+    kwargs = dict(batch_size=64, lr=0.1, schedule="constant", progress=False)
+    model = small()
+    opt = _sgd(model, 0.1)
+    fit(model, digits, epochs=2, optimizer=opt, **kwargs)
+    good = _state(model, opt)
+    poisoned = _poison(digits, 7, math.nan)
+    with pytest.raises(DivergenceError, match="the loss became nan at epoch 2, step 0"):
+        fit(model, poisoned, epochs=3, start_epoch=2, optimizer=opt, **kwargs)
+    # the failing forward pass had already updated the batch-norm running statistics
+    assert any(k.endswith("running_mean") for k in good)
+    _assert_same_state(_state(model, opt), good)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # overflow on the way
+def test_nan_in_a_later_minibatch_names_its_step(digits):
+    digits = subset(digits, n_train=64, n_test=16)
+    poisoned = _poison(digits, 5, math.inf)
+    order = [mr.to_numpy(idx).tolist() for idx in
+             data.batches(64, 16, np.random.default_rng([0, 0]), backend=digits.backend)]
+    step = next(s for s, idx in enumerate(order) if 5 in idx)
+    model = small()
+    with pytest.raises(DivergenceError, match=f"at epoch 0, step {step};") as info:
+        fit(model, poisoned, epochs=1, batch_size=16, progress=False)
+    assert info.value.step == step and not math.isfinite(info.value.loss)
+    assert all(np.isfinite(mr.to_numpy(v)).all() for v in model.state_dict().values())
+
+
+class _InterruptedSGD(SGD):
+    """Ctrl-C in the middle of the ``at``-th step: one parameter is already updated."""
+
+    def __init__(self, params, at, **kwargs):
+        super().__init__(params, **kwargs)
+        self.at = at
+
+    def step(self):
+        if self.steps + 1 == self.at:
+            p = self.params[0]
+            p.data = p.raw * 2.0
+            raise KeyboardInterrupt
+        super().step()
+
+
+def test_an_interrupted_step_leaves_the_last_good_state(digits):
+    digits = _one_step_epochs(digits)
+    kwargs = dict(batch_size=64, schedule="constant", progress=False)
+    model = small()
+    opt = _InterruptedSGD(model.parameters(), at=3, lr=0.1, momentum=0.9)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, digits, epochs=5, optimizer=opt, **kwargs)
+    reference = small()
+    reference_opt = SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    fit(reference, digits, epochs=2, optimizer=reference_opt, **kwargs)
+    _assert_same_state(_state(model, opt), _state(reference, reference_opt))
+
+
+@pytest.mark.parametrize("schedule,epoch,error,match", [
+    (lambda e: float("nan") if e == 2 else 0.1, 2, ValueError, "must be a finite number >= 0, "
+     "got nan"),
+    (lambda e: -0.5 * e, 1, ValueError, "must be a finite number >= 0, got -0.5"),
+    (lambda e: float("inf"), 0, ValueError, "must be a finite number >= 0, got inf"),
+    (lambda e: "0.1", 0, TypeError, r"must be a real number, got '0.1' \(str\)"),
+])
+def test_every_scheduled_learning_rate_is_checked_before_training(digits, schedule, epoch,
+                                                                   error, match):
+    model = small()
+    before = {k: mr.to_numpy(v) for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=f"fit: the learning rate {match} "
+                                    rf"\(from schedule <function .*> at epoch {epoch}\)$"):
+        fit(model, subset(digits), epochs=4, schedule=schedule, progress=False)
+    _assert_same_state({k: mr.to_numpy(v) for k, v in model.state_dict().items()}, before)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(epochs=0), ValueError, "fit: epochs must be >= 1, got 0"),
+    (dict(epochs=2.0), TypeError, "fit: epochs must be an int, got 2.0"),
+    (dict(batch_size=0), ValueError, "fit: batch_size must be >= 1, got 0"),
+    (dict(start_epoch=2), ValueError, "fit: start_epoch=2 leaves nothing to train"),
+    (dict(seed=-1), ValueError, "fit: seed must be >= 0, got -1"),
+    (dict(lr=float("nan")), ValueError, "fit: lr must be a finite number >= 0, got nan"),
+    (dict(momentum=1.0), ValueError, "SGD: momentum must be a finite number >= 0 and < 1"),
+    (dict(clip_norm=-1.0), ValueError, "fit: clip_norm must be a finite number > 0, got -1"),
+    (dict(clip_value=float("nan")), ValueError, "fit: clip_value must be a finite number > 0"),
+])
+def test_fit_rejects_bad_arguments(digits, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fit(small(), subset(digits), **{"epochs": 2, "progress": False, **kwargs})
