@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from types import ModuleType
+from typing import Any
 
 from . import _numpy
 from ._generic import Backend, BackendUnavailable
@@ -79,6 +80,9 @@ class CupyBackend(Backend):
         super().__init__("cupy", xp, cupy.ndarray, col2im_impl=functools.partial(
             _numpy.col2im, zeros=cupy.zeros))
         self._cupy = cupy
+
+    def _host(self, x: Any) -> Any:
+        return x.get()  # device -> host copy
 
     def synchronize(self) -> None:
         """Block until all work queued on the current CUDA device has finished."""

@@ -184,18 +184,18 @@ def col2im(
 
 
 def to_host(obj: Any) -> Any:
-    """Best-effort host (NumPy) view or copy of an array from any backend; other objects pass."""
-    if isinstance(obj, np.ndarray | np.generic):
+    """Host data for ``obj``: an array of a backend comes through that backend's
+    :meth:`Backend.to_numpy` (the one way data leaves a device; no copy where none is needed),
+    an array of a library without a backend here through DLPack; anything else passes."""
+    if isinstance(obj, np.ndarray | np.generic) or not hasattr(obj, "__array_namespace__"):
         return obj
-    if hasattr(obj, "__array_namespace__"):
-        get = getattr(obj, "get", None)  # cupy.ndarray.get() copies device -> host
-        if callable(get) and type(obj).__module__.startswith("cupy"):
-            return get()
-        try:
-            return np.from_dlpack(obj)
-        except Exception:  # noqa: BLE001 - fall back to the buffer protocol / __array__
-            return np.asarray(obj)
-    return obj
+    from . import backend_of  # the registry imports this module
+
+    try:
+        backend = backend_of(obj)
+    except TypeError:
+        return np.from_dlpack(obj)
+    return backend.to_numpy(obj, copy=False)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,23 +299,28 @@ class Backend:
     Attributes
     ----------
     name : str
-        ``"numpy"``, ``"array_api_strict"`` or ``"cupy"``.
+        One of :data:`~miniresnet.backends.BACKEND_NAMES`.
     xp : module
         The array API namespace (``array_api_compat.numpy``, ``array_api_strict``,
         ``array_api_compat.cupy``).
     array_type : type
         The type of this backend's arrays.
+    device : object or None
+        The device this backend creates arrays on (``device=`` of the namespace's creation
+        functions); ``None``: the library's default (CuPy: the current CUDA device).
     """
 
     name: str
     xp: ModuleType
     array_type: type
+    device: Any
 
-    def __init__(self, name: str, xp: ModuleType, array_type: type, *,
+    def __init__(self, name: str, xp: ModuleType, array_type: type, *, device: Any = None,
                  im2col_impl: Callable | None = None, col2im_impl: Callable | None = None) -> None:
         self.name = name
         self.xp = xp
         self.array_type = array_type
+        self.device = device
         # the conv kernels: the array-API versions below unless the library has faster ones
         self._im2col = im2col_impl or functools.partial(im2col, xp=xp)
         self._col2im = col2im_impl or functools.partial(col2im, xp=xp)
@@ -381,23 +386,31 @@ class Backend:
     # -- host transfer --------------------------------------------------------------------------
 
     def asarray(self, obj: Any, dtype: Any = None, *, copy: bool | None = None) -> Any:
-        """Make a backend array from host data (Python scalars / lists, NumPy arrays).
+        """Make an array on this backend's device from host data (Python scalars / lists, NumPy
+        arrays): the one way data enters a device.
 
         Python floats become float64, Python ints int64 and bools bool, unless ``dtype`` (a
         string such as ``"float32"`` or a dtype) says otherwise. Arrays of another backend are
-        first brought to the host. ``copy`` follows the array API: ``None`` copies only when
-        needed, so on the host backends the result may share memory with a NumPy input.
+        first brought to the host (through their backend's :meth:`to_numpy`); this backend's
+        arrays on another device are moved to this one. ``copy`` follows the array API: ``None``
+        copies only when needed, so on the host backends the result may share memory with a
+        NumPy input.
         """
         if not isinstance(obj, self.array_type):
             obj = to_host(obj)
         if dtype is not None:
             dtype = self.dtype(dtype)
-        return self.xp.asarray(obj, dtype=dtype, copy=copy)
+        return self.xp.asarray(obj, dtype=dtype, copy=copy, device=self.device)
 
     def to_numpy(self, x: Any, *, copy: bool = True) -> np.ndarray:
-        """A NumPy array with the values of ``x`` (a copy unless ``copy=False`` allows sharing)."""
-        host = to_host(x)
+        """A NumPy array with the values of ``x``: the one way data leaves a device (a copy unless
+        ``copy=False`` allows sharing)."""
+        host = self._host(x) if isinstance(x, self.array_type) else to_host(x)
         return np.array(host, copy=True) if copy else np.asarray(host)
+
+    def _host(self, x: Any) -> Any:
+        """NumPy data of one of this backend's arrays (no copy where the memory is the host's)."""
+        return np.from_dlpack(x)
 
     # -- random numbers -------------------------------------------------------------------------
 

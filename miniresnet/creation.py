@@ -24,10 +24,12 @@ def tensor(data, dtype=None, requires_grad: bool = False) -> Tensor:
 def zeros(shape, dtype: str = "float64", requires_grad: bool = False) -> Tensor:
     """A tensor of zeros on the current backend."""
     be = current_backend()
-    return Tensor(be.xp.zeros(tuple(shape), dtype=be.dtype(dtype)), requires_grad=requires_grad)
+    raw = be.xp.zeros(tuple(shape), dtype=be.dtype(dtype), device=be.device)
+    return Tensor(raw, requires_grad=requires_grad)
 
 
 def ones(shape, dtype: str = "float64", requires_grad: bool = False) -> Tensor:
     """A tensor of ones on the current backend."""
     be = current_backend()
-    return Tensor(be.xp.ones(tuple(shape), dtype=be.dtype(dtype)), requires_grad=requires_grad)
+    raw = be.xp.ones(tuple(shape), dtype=be.dtype(dtype), device=be.device)
+    return Tensor(raw, requires_grad=requires_grad)

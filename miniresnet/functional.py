@@ -32,8 +32,17 @@ def conv2d(x, weight, bias=None, stride=1, padding=0) -> Tensor:
     x : (N, C, H, W) tensor
     weight : (F, C, kh, kw) tensor
     bias : (F,) tensor, optional
-    stride, padding : int or pair of ints
+    stride : int or pair of ints, each >= 1
+    padding : int or pair of ints, each >= 0
+
+    Raises
+    ------
+    TypeError, ValueError
+        Naming the argument and its value, before any work, for a stride or padding that is
+        not such an int or pair (``0``, ``-1``, ``1.5``, ``"2"``, ``True``), and for inputs of
+        the wrong dtype or shape.
     """
+    stride, padding = ops._pair("conv2d", stride, "stride"), ops._pair("conv2d", padding, "padding")
     x, weight = as_tensor(x), as_tensor(weight)
     bias = None if bias is None else as_tensor(bias)
     _require_float("conv2d", input=x, weight=weight, bias=bias)
@@ -179,16 +188,16 @@ def cross_entropy(logits, target, reduction: str = "mean") -> Tensor:
     if not xp.isdtype(target.dtype, "integral"):
         raise TypeError(f"cross_entropy: target must be integer class indices, not {target.dtype}")
     classes = logits.shape[1]
-    if target.size:
-        low, high = int(xp.min(target.raw)), int(xp.max(target.raw))
+    t = target.raw
+    if target.size:  # a host value is needed here: both bounds in one transfer
+        low, high = target.backend.to_numpy(xp.stack((xp.min(t), xp.max(t)))).tolist()
         if low < 0 or high >= classes:
             raise ValueError(
                 f"cross_entropy: target values must lie in [0, {classes - 1}] for {classes} "
                 f"classes; got values from {low} to {high}"
             )
-    one_hot = ops.astype(ops.equal(ops.reshape(target, (-1, 1)),
-                                   xp.reshape(xp.arange(classes, dtype=target.dtype), (1, -1))),
-                         logits.dtype)
+    labels = xp.reshape(xp.arange(classes, dtype=t.dtype, device=t.device), (1, -1))
+    one_hot = ops.astype(ops.equal(ops.reshape(target, (-1, 1)), labels), logits.dtype)
     losses = -ops.sum(one_hot * ops.log_softmax(logits, axis=1), axis=1)
     return _reduce("cross_entropy", losses, reduction)
 

@@ -119,11 +119,24 @@ def _axes(name: str, axis, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
+_MINIMUM = {"stride": 1, "padding": 0}  # every other size (kernel, output) is at least 1
+
+
 def _pair(name: str, v, what: str) -> tuple[int, int]:
-    pair = (v, v) if isinstance(v, int) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(i, int) for i in pair):
-        raise ValueError(f"{name}: {what} must be an int or a pair of ints, got {v!r}")
-    return pair
+    """``v``, an int or a pair of ints, as a pair of Python ints of at least ``_MINIMUM[what]``
+    (default 1); else a TypeError (an entry that is no real number: a string, a bool, None ...)
+    or a ValueError (0, -1, 1.5, three entries ...) naming ``name``, ``what`` and ``v``."""
+    low = _MINIMUM.get(what, 1)
+    pair = tuple(v) if isinstance(v, tuple | list) else (v, v)
+    if len(pair) == 2 and all(_is_int(i) and i >= low for i in pair):
+        return int(pair[0]), int(pair[1])
+    numbers = all(isinstance(i, float | np.floating) or _is_int(i) for i in pair)
+    raise (ValueError if numbers else TypeError)(
+        f"{name}: {what} must be an int >= {low} or a pair of them, got {v!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
 
 def _constant(fn, *args):
@@ -244,7 +257,7 @@ def zeros_like(x, shape=None) -> Tensor:
     """Zeros with the backend and dtype of ``x`` (and its shape, unless ``shape`` is given)."""
     x = as_tensor(x)
     shape = x.shape if shape is None else tuple(shape)
-    return _constant(lambda xp, a: xp.zeros(shape, dtype=a.dtype), x)
+    return _constant(lambda xp, a: xp.zeros(shape, dtype=a.dtype, device=a.device), x)
 
 
 def ones_like(x) -> Tensor:

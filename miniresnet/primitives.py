@@ -121,7 +121,7 @@ def _max_weights(ans, x, axis, keepdims):
 
 
 def _untake_impl(xp, g, index, shape):
-    out = xp.zeros(shape, dtype=g.dtype)
+    out = xp.zeros(shape, dtype=g.dtype, device=g.device)
     if any(i is None for i in index):  # the array API assigns through no None: drop those axes
         ellipsis = len(shape) - sum(1 for i in index if i is not None and i is not Ellipsis)
         keep, axis = [], 0
@@ -137,7 +137,8 @@ def _untake_impl(xp, g, index, shape):
 
 
 def _pad_impl(xp, x, widths):
-    out = xp.zeros(tuple(d + lo + hi for d, (lo, hi) in zip(x.shape, widths)), dtype=x.dtype)
+    out = xp.zeros(tuple(d + lo + hi for d, (lo, hi) in zip(x.shape, widths)), dtype=x.dtype,
+                   device=x.device)
     out[tuple(slice(lo, lo + d) for d, (lo, _) in zip(x.shape, widths))] = x
     return out
 

@@ -379,10 +379,13 @@ def _nonfinite(x) -> str | None:
     """``"nan"`` or ``"inf"`` if the raw array or Python scalar ``x`` holds one, else None."""
     if type(x) in _SCALARS:
         return None if math.isfinite(x) else ("nan" if math.isnan(x) else "inf")
-    xp = backend_of(x).xp
-    if not xp.isdtype(x.dtype, "real floating") or bool(xp.all(xp.isfinite(x))):
+    be = backend_of(x)
+    xp = be.xp
+    if not xp.isdtype(x.dtype, "real floating"):
         return None
-    return "nan" if bool(xp.any(xp.isnan(x))) else "inf"
+    # one explicit device-to-host transfer for both answers
+    finite, nan = be.to_numpy(xp.stack((xp.all(xp.isfinite(x)), xp.any(xp.isnan(x))))).tolist()
+    return None if finite else "nan" if nan else "inf"
 
 
 def _describe(x) -> str:

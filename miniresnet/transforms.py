@@ -255,7 +255,8 @@ def jacobian(f: Callable, argnums: int | Sequence[int] = 0, *, chunk_size: int |
         blocks: list[list[Tensor]] = [[] for _ in nums]
         for start in range(0, n, chunk):
             k = min(chunk, n - start)
-            basis = make(xp.reshape(xp.eye(k, n, k=start, dtype=out_t.dtype), (k,) + out_t.shape))
+            eye = xp.eye(k, n, k=start, dtype=out_t.dtype, device=out_t.raw.device)
+            basis = make(xp.reshape(eye, (k,) + out_t.shape))
             for block, ct in zip(blocks, vjp_fn(basis)):
                 block.append(as_tensor(ct))
         jacs = tuple(

@@ -445,6 +445,35 @@ def test_cross_backend_asarray():
     assert backend_of(c) is strict_be and c.dtype == strict_be.xp.float32
 
 
+def test_strict_backends_differ_by_device_only():
+    cpu, dev = get_backend("array_api_strict"), get_backend("array_api_strict_device1")
+    assert cpu.array_type is dev.array_type and cpu.device != dev.device
+    x = dev.asarray(np.arange(3.0))
+    assert x.device == dev.device and backend_of(x) is dev and backend_of(dev.xp.sum(x)) is dev
+    y = cpu.asarray(x)  # a move between devices
+    assert y.device == cpu.device and backend_of(y) is cpu
+    assert backend_of(dev.asarray(y)) is dev
+    np.testing.assert_array_equal(get_backend("numpy").asarray(x), [0.0, 1.0, 2.0])
+    with pytest.raises(RuntimeError, match="to a NumPy array"):
+        np.asarray(x)  # only the backend's to_numpy leaves the device
+    draw = dev.rng(3).normal(4)
+    assert draw.device == dev.device
+    np.testing.assert_array_equal(dev.to_numpy(draw), cpu.to_numpy(cpu.rng(3).normal(4)))
+    xp = dev.xp
+    with pytest.raises(TypeError, match=r"on device .*device2.* not an array of a known backend"):
+        backend_of(xp.asarray(1.0, device=xp.Device("device2")))
+
+
+def test_backend_of_loads_the_backend_of_a_device(monkeypatch):
+    import array_api_strict as xp
+
+    for registry in ("_BACKENDS", "_BY_TYPE", "_BY_DEVICE"):
+        monkeypatch.setattr(backends, registry, {})
+    assert backend_of(xp.asarray(1.0, device=xp.Device("device1"))).name == \
+        "array_api_strict_device1"
+    assert backend_of(xp.asarray(1.0)).name == "array_api_strict"
+
+
 def test_synchronize_is_callable(backend):
     assert backend.synchronize() is None
 

@@ -166,7 +166,7 @@ def test_graph_is_freed_after_differentiation(backend):
 def test_vjp_fn_is_reusable_and_takes_stacks(backend):
     x = arr(backend, [0.1, 0.2, 0.3])
     out, fn = mr.vjp(lambda x: mr.tanh(x) * mr.sum(x), x)
-    e = backend.xp.eye(3, dtype=x.dtype)
+    e = backend.xp.eye(3, dtype=x.dtype, device=backend.device)
     stacked = host(fn(e)[0])
     rows = np.stack([host(fn(e[i, :])[0]) for i in range(3)])
     np.testing.assert_array_equal(stacked, rows)

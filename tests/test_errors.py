@@ -1,10 +1,13 @@
 """Bad input gets a clear error that names the op and the shapes, dtypes or values involved."""
 
+import re
+
 import numpy as np
 import pytest
 
 import miniresnet as mr
 import miniresnet.functional as F
+from miniresnet import nn
 from miniresnet.backends import BackendUnavailable, is_available
 
 
@@ -36,6 +39,40 @@ def test_conv2d_errors(backend):
         F.conv2d(arr(backend, (1, 2, 2, 2)), arr(backend, (1, 2, 3, 3)))
     with pytest.raises(ValueError, match=r"conv2d: bias shape \(3,\) != \(4,\)"):
         F.conv2d(arr(backend, (2, 2, 5, 5)), w, arr(backend, (3,)))
+
+
+BAD_GEOMETRY = [  # (argument, value, error): a stride is an int >= 1, a padding an int >= 0
+    ("stride", 0, ValueError), ("stride", -1, ValueError), ("stride", 1.5, ValueError),
+    ("stride", 2.0, ValueError), ("stride", (1, 0), ValueError), ("stride", (1, 2, 3), ValueError),
+    ("stride", "2", TypeError), ("stride", True, TypeError), ("stride", None, TypeError),
+    ("padding", -1, ValueError), ("padding", 0.5, ValueError), ("padding", (0, -2), ValueError),
+    ("padding", "1", TypeError), ("padding", False, TypeError),
+]
+
+
+def _geometry_error(name, what, value):
+    low = 1 if what != "padding" else 0
+    return re.escape(f"{name}: {what} must be an int >= {low} or a pair of them, got {value!r}")
+
+
+@pytest.mark.parametrize("what,value,error", BAD_GEOMETRY)
+def test_conv2d_rejects_bad_stride_and_padding(backend, what, value, error):
+    x, w = arr(backend, (1, 1, 4, 4)), arr(backend, (1, 1, 3, 3))
+    with pytest.raises(error, match=_geometry_error("conv2d", what, value)):
+        F.conv2d(x, w, **{what: value})
+    with pytest.raises(error, match=_geometry_error("conv2d", what, value)):
+        F.conv2d(object(), object(), **{what: value})  # checked before the inputs are touched
+    with pytest.raises(error, match=_geometry_error("Conv2d", what, value)):
+        nn.Conv2d(1, 1, 3, **{what: value})  # checked before the weights are drawn
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, (3, 0), "3"])
+def test_kernel_sizes_are_checked(backend, value):
+    error = TypeError if isinstance(value, str) else ValueError
+    with pytest.raises(error, match=_geometry_error("Conv2d", "kernel_size", value)):
+        nn.Conv2d(1, 1, value)
+    with pytest.raises(error, match=_geometry_error("avg_pool2d", "kernel_size", value)):
+        F.avg_pool2d(arr(backend, (1, 1, 4, 4)), value)
 
 
 def test_conv_primitive_errors(backend):

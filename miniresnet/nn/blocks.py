@@ -116,7 +116,7 @@ class ResidualBlock(Module):
                 f"with stride {stride}; use shortcut='projection' or 'zero_pad'"
             )
         self.alpha = None if skipinit is None else parameter(
-            r.backend.xp.full((), skipinit, dtype=r.backend.dtype(dtype)))
+            r.backend.xp.full((), skipinit, dtype=r.backend.dtype(dtype), device=r.backend.device))
 
     # -- pieces -----------------------------------------------------------------------------
     def _layer(self, n_in, n_out, stride, bias, init, dtype, rng, kernel=3):
@@ -229,7 +229,8 @@ class HighwayBlock(Module):
         self.gate = Conv2d(in_channels, out_channels, 3, stride, 1, bias=True, init=init,
                            dtype=dtype, rng=r)
         self.gate.bias.data = r.backend.xp.full(out_channels, gate_bias,
-                                                dtype=r.backend.dtype(dtype))
+                                                dtype=r.backend.dtype(dtype),
+                                                device=r.backend.device)
         self.gate_bias = gate_bias
 
     def forward(self, x):

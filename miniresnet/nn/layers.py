@@ -12,7 +12,7 @@ from miniresnet.tracing import as_tensor
 
 
 def _zeros(rng: Rng, n: int, dtype: str):
-    return rng.backend.xp.zeros(n, dtype=rng.backend.dtype(dtype))
+    return rng.backend.xp.zeros(n, dtype=rng.backend.dtype(dtype), device=rng.backend.device)
 
 
 class Linear(Module):
@@ -34,16 +34,21 @@ class Linear(Module):
 
 
 class Conv2d(Module):
-    """2-D convolution with weight (out, in, k, k), initialised by ``init`` (He by default)."""
+    """2-D convolution with weight (out, in, kh, kw), initialised by ``init`` (He by default);
+    ``kernel_size``, ``stride`` and ``padding`` are ints or pairs, as in
+    :func:`~miniresnet.functional.conv2d` (checked here, before anything is allocated)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
                  stride: int = 1, padding: int = 0, bias: bool = True, init: str = "he",
                  dtype: str = "float64", rng: Rng | int | None = None):
         super().__init__()
+        kh, kw = ops._pair("Conv2d", kernel_size, "kernel_size")
+        ops._pair("Conv2d", stride, "stride")
+        ops._pair("Conv2d", padding, "padding")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         r = as_rng(rng)
-        shape = (out_channels, in_channels, kernel_size, kernel_size)
+        shape = (out_channels, in_channels, kh, kw)
         self.weight = parameter(initializer(init)(r, shape, dtype))
         self.bias = parameter(_zeros(r, out_channels, dtype)) if bias else None
 
@@ -64,14 +69,14 @@ class _BatchNorm(Module):
         self.num_features, self.eps, self.momentum, self.affine = (num_features, eps, momentum,
                                                                    affine)
         be = current_backend()
-        dt = be.dtype(dtype)
+        where = dict(dtype=be.dtype(dtype), device=be.device)
         if affine:  # the learnable per-channel scale and shift (Caffe's separate "Scale" layer)
-            self.weight = parameter(be.xp.ones(num_features, dtype=dt))
-            self.bias = parameter(be.xp.zeros(num_features, dtype=dt))
+            self.weight = parameter(be.xp.ones(num_features, **where))
+            self.bias = parameter(be.xp.zeros(num_features, **where))
         else:
             self.weight = self.bias = None
-        self.register_buffer("running_mean", be.xp.zeros(num_features, dtype=dt))
-        self.register_buffer("running_var", be.xp.ones(num_features, dtype=dt))
+        self.register_buffer("running_mean", be.xp.zeros(num_features, **where))
+        self.register_buffer("running_var", be.xp.ones(num_features, **where))
 
     def forward(self, x):
         x = as_tensor(x)

@@ -21,10 +21,9 @@ __all__ = ["check_grads", "numerical_jvp", "relative_error"]
 
 
 def _random_like(x: Tensor, rng: np.random.Generator) -> Tensor:
-    from miniresnet.config import as_backend_array
-
-    host = rng.standard_normal(x.shape).astype(str(x.numpy().dtype))
-    return as_tensor(as_backend_array(host, backend=x.backend))
+    """Normal numbers drawn on the host, with ``x``'s shape, dtype and backend (device)."""
+    be = x.backend
+    return as_tensor(be.asarray(rng.standard_normal(x.shape).astype(be.dtype_name(x.dtype))))
 
 
 def _flat(outputs) -> Tensor:
