@@ -30,12 +30,19 @@ from miniresnet.nn.models import (
     state_shapes,
     validate_config,
 )
-from miniresnet.nn.module import Module, Sequential, functional_call, parameter
+from miniresnet.nn.module import (
+    Module,
+    RemovableHandle,
+    Sequential,
+    frozen_stats,
+    functional_call,
+    parameter,
+)
 
 __all__ = [
     "ORDERS", "BasicBlock", "BatchNorm1d", "BatchNorm2d", "Conv2d", "DenseBlock", "Flatten",
     "GlobalAvgPool2d", "HighwayBlock", "Identity", "Linear", "Module", "Network", "ReLU",
-    "ResidualBlock", "Sequential", "Sigmoid", "Tanh", "ZeroPadShortcut", "build_model",
-    "functional_call", "init", "mlp", "parameter", "resnet_cifar", "state_count", "state_shapes",
-    "validate_config",
+    "RemovableHandle", "ResidualBlock", "Sequential", "Sigmoid", "Tanh", "ZeroPadShortcut",
+    "build_model", "frozen_stats", "functional_call", "init", "mlp", "parameter",
+    "resnet_cifar", "state_count", "state_shapes", "validate_config",
 ]

@@ -166,23 +166,32 @@ class ResidualBlock(Module):
                 h = acts[i](h)
         return h, x
 
-    def forward(self, x):
+    def terms(self, x) -> tuple:
+        """``(skip, branch)``: the two summands ``λ·S(u)`` (``None`` for a plain block) and
+        ``α·β·F(x)`` whose sum :meth:`post` turns into the block's output."""
         f, pre = self._branch(x)
         if self.beta != 1.0:
             f = f * self.beta
         if self.alpha is not None:
             f = f * self.alpha
-        if self.shortcut is not None:
-            # full pre-activation: a projection shortcut sees the pre-activated input (He 2016)
-            s = self.shortcut(x if isinstance(self.shortcut, Identity) else pre)
-            out = f + (s if self.lam == 1.0 else s * self.lam)
-        else:
-            out = f
+        if self.shortcut is None:
+            return None, f
+        # full pre-activation: a projection shortcut sees the pre-activated input (He 2016)
+        s = as_tensor(self.shortcut(x if isinstance(self.shortcut, Identity) else pre))
+        return (s if self.lam == 1.0 else s * self.lam), f
+
+    def post(self, z):
+        """``P``: what follows the addition (``act`` for ``post``, ``act(N₂(·))`` for
+        ``bn_after_add``, the identity for the other orders)."""
         if self.order == "post":
-            return list(self.acts)[-2](out)
+            return self.acts[-2](z)
         if self.order == "bn_after_add":
-            return list(self.acts)[-2](list(self.norms)[-1](out))
-        return out
+            return self.acts[-2](self.norms[-1](z))
+        return z
+
+    def forward(self, x):
+        skip, branch = self.terms(x)
+        return self.post(branch if skip is None else branch + skip)
 
     def extra_repr(self) -> str:
         kind = "residual" if self.residual else "plain"

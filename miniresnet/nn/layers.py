@@ -77,6 +77,8 @@ class _BatchNorm(Module):
             self.weight = self.bias = None
         self.register_buffer("running_mean", be.xp.zeros(num_features, **where))
         self.register_buffer("running_var", be.xp.ones(num_features, **where))
+        # False under nn.frozen_stats: training mode then updates no running statistics
+        object.__setattr__(self, "track_running_stats", True)
 
     def forward(self, x):
         x = as_tensor(x)
@@ -84,6 +86,8 @@ class _BatchNorm(Module):
             raise ValueError(
                 f"{type(self).__name__}: expected a {self._ndim}-d input, got shape {x.shape}"
             )
+        if self.training and not self.track_running_stats:
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, eps=self.eps)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             self.training, self.momentum, self.eps)
 

@@ -30,6 +30,7 @@ class Module:
         object.__setattr__(self, "_buffers", {})
         object.__setattr__(self, "_modules", {})
         object.__setattr__(self, "training", True)
+        object.__setattr__(self, "_forward_hooks", {})
 
     # -- registration -----------------------------------------------------------------------
     def __setattr__(self, name: str, value) -> None:
@@ -190,7 +191,18 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} must implement forward()")
 
     def __call__(self, *args, **kwargs):
-        return self.forward(*args, **kwargs)
+        out = self.forward(*args, **kwargs)
+        for hook in tuple(self._forward_hooks.values()):
+            hook(self, args, out)
+        return out
+
+    def register_forward_hook(self, hook) -> RemovableHandle:
+        """Call ``hook(module, inputs, output)`` after every forward pass of this module (to
+        observe, not to change: its return value is ignored); ``handle.remove()`` detaches it.
+        """
+        handle = RemovableHandle(self._forward_hooks)
+        self._forward_hooks[handle.id] = hook
+        return handle
 
     def extra_repr(self) -> str:
         return ""
@@ -204,6 +216,42 @@ class Module:
             lines.append(")")
             return "\n".join(lines)
         return lines[0] + ")"
+
+
+class RemovableHandle:
+    """Returned by :meth:`Module.register_forward_hook`; ``remove()`` detaches the hook (also as
+    a context manager, on exit)."""
+
+    _next_id = 0
+
+    def __init__(self, hooks: dict) -> None:
+        self._hooks, self.id = hooks, RemovableHandle._next_id
+        RemovableHandle._next_id += 1
+
+    def remove(self) -> None:
+        self._hooks.pop(self.id, None)
+
+    def __enter__(self) -> RemovableHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+@contextlib.contextmanager
+def frozen_stats(model: Module) -> Iterator[Module]:
+    """Within this context the batch norms of ``model`` that are in training mode still
+    normalise with the statistics of the batch they see, but update no running statistics, so
+    a measurement leaves the model as it was. Yields ``model``."""
+    norms = [m for m in model.modules() if hasattr(m, "track_running_stats")]
+    previous = [m.track_running_stats for m in norms]
+    for m in norms:
+        object.__setattr__(m, "track_running_stats", False)
+    try:
+        yield model
+    finally:
+        for m, value in zip(norms, previous):
+            object.__setattr__(m, "track_running_stats", value)
 
 
 class Sequential(Module):
