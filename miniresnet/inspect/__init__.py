@@ -1,0 +1,18 @@
+"""Inspection: the exact quantities the residual-network papers argue about, for one model at
+one input, as host NumPy data ready to plot.
+
+Notation: ``h_0 = model.stem(x)``, ``h_l = block_l(h_{l-1})`` for l = 1..L (blocks are
+numbered from 1), ``out = model.head(h_L)``. The scalar differentiated is the mean
+cross-entropy when ``y`` is given, otherwise ``sum(out * c)`` with ``c`` the ``cotangent``
+(default: standard normal, seed 0). A residual block computes ``out = P(λ·S(u) + α·β·F(x))``
+(see :meth:`~miniresnet.nn.ResidualBlock.terms`).
+
+Every function works on every backend, returns host NumPy arrays or Python numbers and leaves
+the model as it was: parameters, their ``.grad``, batch-norm running statistics and train/eval
+mode. In training mode, batch norm normalises with the statistics of the batch it sees (so the
+samples of a batch are coupled) and updates nothing.
+"""
+
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,96 @@
+"""What every inspection function shares: argument checks, the scalar that is differentiated,
+and the guard that leaves the model as it was."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from miniresnet import functional as F
+from miniresnet import ops
+from miniresnet.backends import backend_of
+from miniresnet.nn.blocks import ResidualBlock
+from miniresnet.nn.models import Network
+from miniresnet.nn.module import Module, frozen_stats
+from miniresnet.tracing import Tensor, as_tensor, no_grad
+
+
+def check_network(model, name: str) -> Network:
+    """``model`` if it is a :class:`~miniresnet.nn.Network`, else a TypeError naming ``name``."""
+    if not isinstance(model, Network):
+        raise TypeError(f"inspect.{name}: model must be a Network built by nn.resnet_cifar or "
+                        f"nn.mlp (with stem, blocks and head), got {type(model).__name__}")
+    return model
+
+
+def check_block_index(model: Network, i, name: str, what: str = "i") -> int:
+    """A 1-based block index of ``model`` as an int, or a clear error giving the valid range."""
+    n = len(model.blocks)
+    if isinstance(i, bool) or not isinstance(i, int | np.integer):
+        raise TypeError(f"inspect.{name}: {what} must be a block index (an int from 1 to {n}), "
+                        f"got {i!r}")
+    if not 1 <= i <= n:
+        raise IndexError(f"inspect.{name}: block {what}={i} is out of range; this network has "
+                         f"{n} blocks, numbered 1 to {n}")
+    return int(i)
+
+
+def residual_block(model: Network, i: int, name: str) -> ResidualBlock:
+    """Block ``i`` (1-based) if it splits into a skip and a branch, else a clear error."""
+    block = model.blocks[i - 1]
+    if not isinstance(block, ResidualBlock):
+        raise TypeError(f"inspect.{name}: block {i} is a {type(block).__name__}, which has no "
+                        f"skip/branch split (only residual and plain blocks do)")
+    return block
+
+
+def host(x) -> np.ndarray:
+    """A host NumPy copy of a backend array or Tensor (the documented way off a device)."""
+    raw = x.raw if isinstance(x, Tensor) else x
+    return backend_of(raw).to_numpy(raw)
+
+
+@contextlib.contextmanager
+def untouched(model: Module) -> Iterator[Module]:
+    """Run a measurement on ``model``: batch norm in training mode normalises with the batch's
+    statistics but updates nothing (:func:`~miniresnet.nn.frozen_stats`), and every module's
+    train/eval mode is put back on exit, whatever happened inside."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        with frozen_stats(model):
+            yield model
+    finally:
+        for m, training in modes:
+            object.__setattr__(m, "training", training)
+
+
+def stream(model: Network, x) -> list:
+    """``[h_0, h_1, ..., h_L]`` as backend arrays (call inside :func:`untouched`)."""
+    with no_grad():
+        hs = [as_tensor(model.stem(x))]
+        for block in model.blocks:
+            hs.append(as_tensor(block(hs[-1])))
+    return [h.raw for h in hs]
+
+
+def scalar_of_output(model: Network, h_last, y=None, cotangent=None) -> Callable:
+    """The scalar ``s`` that inspection differentiates, as a function of the output ``out``:
+    the mean cross-entropy against ``y`` when it is given, else ``sum(out * c)`` with ``c`` the
+    ``cotangent`` (default: standard normal draws, seed 0, of ``out``'s shape and dtype).
+    ``h_last`` (h_L) fixes that shape."""
+    if y is not None:
+        target = as_tensor(y)
+        return lambda out: F.cross_entropy(out, target)
+    with no_grad():
+        out = as_tensor(model.head(h_last))
+    if cotangent is None:
+        c = out.backend.rng(0).normal(out.shape, out.backend.dtype_name(out.dtype))
+    else:
+        c = as_tensor(cotangent)
+        if c.shape != out.shape:
+            raise ValueError(f"cotangent has shape {c.shape}; it must have the output's shape "
+                             f"{out.shape}")
+        c = c.raw
+    return lambda out: ops.sum(out * c)
