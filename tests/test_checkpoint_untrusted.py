@@ -273,6 +273,24 @@ def configs():
     yield dict(model="mlp", depth=0, width=3)
     yield dict(model="mlp", depth=3, width=2, dtype="float32", zero_init_residual=True,
                order="post")
+    # the activations (CReLU doubles what the layers it feeds take), looks-linear, bias init
+    for order, norm, residual, shortcut, activation in itertools.product(
+            ("relu_preact", "full_preact"), (True, False), (True, False),
+            ("projection", "zero_pad"), ("crelu", "leaky_relu", "identity")):
+        yield dict(model="resnet_cifar", n=1, width=0.25, in_channels=2, num_classes=3,
+                   order=order, norm=norm, residual=residual, shortcut=shortcut,
+                   activation=activation, bias_init=0.0 if norm else 0.1,
+                   init="looks_linear" if activation == "crelu" and (
+                       order, shortcut) != ("full_preact", "zero_pad") else "he")
+    for order, norm, residual, layers, depth in itertools.product(
+            ("relu_preact", "full_preact"), (True, False), (True, False), (1, 2), (0, 2)):
+        yield dict(model="mlp", depth=depth, width=3, in_features=2, out_features=5, order=order,
+                   norm=norm, residual=residual, layers=layers, activation="crelu",
+                   init="looks_linear" if layers == 1 else "fixup", bias_init=0.1)
+    yield dict(model="mlp", depth=2, width=3, order="post", norm=False, activation="leaky_relu",
+               bias_init=0.5)
+    yield dict(model="resnet_cifar", n=1, width=0.25, block="highway", norm=False,
+               activation="identity", bias_init=0.2)
 
 
 def test_closed_form_state_shapes_equal_the_built_models(backend):

@@ -10,12 +10,16 @@ from miniresnet.nn.blocks import (
     ZeroPadShortcut,
 )
 from miniresnet.nn.layers import (
+    Activation,
     BatchNorm1d,
     BatchNorm2d,
     Conv2d,
+    CReLU,
     Flatten,
     GlobalAvgPool2d,
     Identity,
+    IdentityActivation,
+    LeakyReLU,
     Linear,
     ReLU,
     Sigmoid,
@@ -44,5 +48,6 @@ __all__ = [
     "GlobalAvgPool2d", "HighwayBlock", "Identity", "Linear", "Module", "Network", "ReLU",
     "RemovableHandle", "ResidualBlock", "Sequential", "Sigmoid", "Tanh", "ZeroPadShortcut",
     "build_model", "frozen_stats", "functional_call", "init", "mlp", "parameter",
-    "resnet_cifar", "state_count", "state_shapes", "validate_config",
+    "resnet_cifar", "state_count", "state_shapes", "validate_config", "Activation", "CReLU",
+    "IdentityActivation", "LeakyReLU",
 ]

@@ -16,6 +16,14 @@ normalisation and activation placed as in one of He et al. 2016's five orderings
 (read right to left). ``residual=False`` removes ``λS`` and nothing else: the plain
 counterpart. ``norm=False`` makes every ``N`` the identity (the layers then get biases).
 ``L`` is a 3×3 convolution (:class:`BasicBlock`) or a linear map (:class:`DenseBlock`).
+
+``activation="crelu"`` doubles the width it outputs, so it is allowed only in the orders where
+every ``act`` feeds a layer (``relu_preact``, ``full_preact``): those layers, and a
+``full_preact`` projection or zero-pad shortcut (which sees ``act(N₁(x))``), take twice the
+input width. ``init="looks_linear"`` (CReLU only) gives every layer fed by the CReLU mirrored
+weights ``[W, −W]`` (the block is then linear at initialisation) and a shortcut fed by ``x``
+orthogonal weights; a ``full_preact`` zero-pad shortcut would pass the CReLU's output on
+unweighted, so that combination is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from miniresnet import ops
 from miniresnet.backends import Rng
 from miniresnet.nn.init import as_rng
 from miniresnet.nn.layers import (
+    WIDENING,
     BatchNorm1d,
     BatchNorm2d,
     Conv2d,
@@ -36,6 +45,19 @@ from miniresnet.tracing import as_tensor
 
 ORDERS = ("post", "bn_after_add", "relu_before_add", "relu_preact", "full_preact")
 SHORTCUTS = ("identity", "projection", "zero_pad")
+# the orders in which every activation feeds a layer (none ends the block): the only ones where
+# a widening activation (CReLU) leaves the residual stream's width alone
+_EVERY_ACT_FEEDS_A_LAYER = ("relu_preact", "full_preact")
+_UNMIRRORED = ("{name}init 'looks_linear' with order 'full_preact' and shortcut 'zero_pad': "
+               "that shortcut passes act(N₁(x)), the CReLU's output, on with no weights to "
+               "mirror, so the network would not be linear at initialisation; use "
+               "shortcut='projection' or order='relu_preact'")
+
+
+def _unfed(init: str) -> str:
+    """The initialiser of a layer not fed by an activation: looks-linear mirrors CReLU halves,
+    so such a layer takes plain orthogonal weights (Balduzzi et al. 2017)."""
+    return "orthogonal" if init == "looks_linear" else init
 
 
 class ZeroPadShortcut(Module):
@@ -87,14 +109,24 @@ class ResidualBlock(Module):
             raise ValueError(f"a block needs at least one layer, got layers={layers}")
         if stride != 1 and not self._conv:
             raise ValueError("dense blocks have no stride")
+        grow = WIDENING.get(activation, 1)
+        if grow != 1 and order not in _EVERY_ACT_FEEDS_A_LAYER:
+            raise ValueError(
+                f"activation {activation!r} changes the width, so it needs an order in which "
+                f"every activation feeds a layer ({', '.join(_EVERY_ACT_FEEDS_A_LAYER)}); in "
+                f"order {order!r} an activation ends the block and would widen the stream")
+        if init == "looks_linear" and activation != "crelu":
+            raise ValueError(f"init 'looks_linear' mirrors the weights fed by a CReLU: it needs "
+                             f"activation='crelu', got {activation!r}")
         r = as_rng(rng)
         self.residual, self.order, self.beta, self.lam = residual, order, beta, lam
         self.in_features, self.out_features, self.stride = in_features, out_features, stride
         self.act = activation
         widths = [in_features] + [out_features] * layers
+        # in the orders allowed above every layer is fed by an activation: its input is `grow`x
         self.layers = Sequential(*(
-            self._layer(widths[i], widths[i + 1], stride if i == 0 else 1, not norm, init,
-                        dtype, r) for i in range(layers)))
+            self._layer(grow * widths[i], widths[i + 1], stride if i == 0 else 1, not norm,
+                        init, dtype, r) for i in range(layers)))
         norm_widths = ([in_features] + [out_features] * (layers - 1) if order == "full_preact"
                        else [out_features] * layers)
         self.norms = Sequential(*(self._norm(w, dtype) if norm else Identity()
@@ -106,10 +138,21 @@ class ResidualBlock(Module):
         elif not changes_shape:
             self.shortcut = Identity()
         elif shortcut == "projection":
-            proj = self._layer(in_features, out_features, stride, not norm, init, dtype, r, 1)
+            # full pre-activation: the shortcut sees act(N₁(x)), of width grow·in (see terms)
+            sees_act = order == "full_preact"
+            proj = self._layer((grow if sees_act else 1) * in_features, out_features, stride,
+                               not norm, init if sees_act else _unfed(init), dtype, r, 1)
             self.shortcut = Sequential(proj, self._norm(out_features, dtype)) if norm else proj
         elif shortcut == "zero_pad":
-            self.shortcut = ZeroPadShortcut(in_features, out_features, stride)
+            if init == "looks_linear" and order == "full_preact":
+                raise ValueError(_UNMIRRORED.format(name=""))
+            seen = (grow if order == "full_preact" else 1) * in_features
+            if grow != 1 and seen > out_features:
+                raise ValueError(
+                    f"zero_pad shortcut: in order 'full_preact' it sees act(N₁(x)), and "
+                    f"activation {activation!r} makes that {seen} wide, more than the block's "
+                    f"{out_features} outputs; use shortcut='projection'")
+            self.shortcut = ZeroPadShortcut(seen, out_features, stride)
         else:
             raise ValueError(
                 f"identity shortcut impossible: the block maps {in_features} to {out_features} "
@@ -230,6 +273,9 @@ class HighwayBlock(Module):
                  shortcut: str = "projection", init: str = "he", dtype: str = "float64",
                  rng: Rng | int | None = None):
         super().__init__()
+        if WIDENING.get(activation, 1) != 1:
+            raise ValueError(f"highway blocks gate a carry of the branch's width: activation "
+                             f"{activation!r} changes the width; use another activation")
         r = as_rng(rng)
         inner = BasicBlock(in_channels, out_channels, stride, residual=True, norm=norm,
                            activation=activation, shortcut=shortcut, init=init, dtype=dtype,

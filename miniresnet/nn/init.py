@@ -50,11 +50,29 @@ def orthogonal(rng: Rng, shape, dtype="float64", gain: float = 1.0):
     return rng.orthogonal(shape, dtype, gain)
 
 
-INITIALIZERS = {"he": he_normal, "xavier": xavier_normal, "orthogonal": orthogonal}
+def looks_linear(rng: Rng, shape, dtype="float64", gain: float = 1.0):
+    """Balduzzi et al. 2017's mirrored weights for a layer fed by a CReLU: ``[W, −W]`` along the
+    input axis (1), ``W`` of shape ``(out, in/2, ...)`` drawn by :func:`orthogonal`.
+
+    CReLU gives ``(relu(x), relu(−x))`` and ``W·relu(x) − W·relu(−x) = W·x``, so a network of
+    CReLUs and such layers is exactly linear at initialisation. A layer fed by anything else
+    takes plain orthogonal weights (the models do that for their stem).
+    """
+    shape = tuple(shape)
+    if len(shape) < 2 or shape[1] % 2:
+        raise ValueError(f"looks_linear: a weight fed by a CReLU needs an even number of inputs "
+                         f"(axis 1: the two halves relu(x), relu(-x)), got shape {shape}")
+    w = orthogonal(rng, (shape[0], shape[1] // 2, *shape[2:]), dtype, gain)
+    return rng.backend.xp.concat([w, -w], axis=1)
+
+
+INITIALIZERS = {"he": he_normal, "xavier": xavier_normal, "orthogonal": orthogonal,
+                "looks_linear": looks_linear}
 
 
 def initializer(name: str):
-    """The initialiser called ``name`` ("he", "xavier" or "orthogonal")."""
+    """The initialiser called ``name``: "he", "xavier", "orthogonal" or "looks_linear" (mirrored
+    orthogonal weights ``[W, −W]``, for layers fed by a CReLU)."""
     try:
         return INITIALIZERS[name]
     except KeyError:

@@ -108,19 +108,59 @@ class BatchNorm2d(_BatchNorm):
     _ndim = 4
 
 
-class ReLU(Module):
+class Activation(Module):
+    """Base class of the elementwise activations made by :func:`activation` (so a caller can
+    find every activation of a network with ``isinstance``)."""
+
+
+class ReLU(Activation):
+    """``max(x, 0)`` (derivative 0 at 0)."""
+
     def forward(self, x):
         return ops.relu(x)
 
 
-class Tanh(Module):
+class LeakyReLU(Activation):
+    """``x`` for ``x > 0``, ``slope·x`` otherwise, composed as ``relu(x) − slope·relu(−x)``
+    (derivative 0 exactly at 0, as ReLU's)."""
+
+    def __init__(self, slope: float = 0.01):
+        super().__init__()
+        self.slope = slope
+
+    def forward(self, x):
+        return ops.relu(x) - self.slope * ops.relu(ops.neg(x))
+
+    def extra_repr(self) -> str:
+        return f"slope={self.slope}"
+
+
+class CReLU(Activation):
+    """Concatenated ReLU (Shang et al. 2016): ``concat([relu(x), relu(−x)], axis=1)``.
+
+    It doubles the feature / channel axis (axis 1), so the layer it feeds takes twice the
+    width; ``W·relu(x) − W·relu(−x) = W·x`` is what ``init="looks_linear"`` builds on.
+    """
+
+    def forward(self, x):
+        return ops.concat([ops.relu(x), ops.relu(ops.neg(x))], axis=1)
+
+
+class Tanh(Activation):
     def forward(self, x):
         return ops.tanh(x)
 
 
-class Sigmoid(Module):
+class Sigmoid(Activation):
     def forward(self, x):
         return ops.sigmoid(x)
+
+
+class IdentityActivation(Activation):
+    """The activation ``"identity"``: ``x`` unchanged (a linear network)."""
+
+    def forward(self, x):
+        return x
 
 
 class Identity(Module):
@@ -142,13 +182,20 @@ class Flatten(Module):
         return ops.reshape(x, (x.shape[0], -1))
 
 
-ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
+ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid, "identity": IdentityActivation,
+               "leaky_relu": LeakyReLU, "crelu": CReLU}
+#: the activations whose output is wider than their input, by this factor (on axis 1)
+WIDENING = {"crelu": 2}
 
 
 def activation(name: str) -> Module:
-    """A new activation module: "relu", "tanh" or "sigmoid"."""
+    """A new activation module (an :class:`Activation`).
+
+    ``name`` is one of "relu", "tanh", "sigmoid", "identity" (no activation: a linear
+    network), "leaky_relu" (slope 0.01 below 0) or "crelu" (concatenated ReLU,
+    ``concat([relu(x), relu(−x)], axis=1)``, which doubles axis 1: see :data:`WIDENING`).
+    """
     try:
         return ACTIVATIONS[name]()
     except KeyError:
         raise ValueError(f"unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}") from None
-

@@ -25,6 +25,7 @@ from numbers import Integral, Real
 from typing import Any
 
 from miniresnet.nn.blocks import (
+    _UNMIRRORED,
     ORDERS,
     SHORTCUTS,
     BasicBlock,
@@ -35,6 +36,7 @@ from miniresnet.nn.blocks import (
 from miniresnet.nn.init import INITIALIZERS, as_rng
 from miniresnet.nn.layers import (
     ACTIVATIONS,
+    WIDENING,
     BatchNorm1d,
     BatchNorm2d,
     Conv2d,
@@ -96,10 +98,11 @@ _REAL = "a finite number", _is_real, _finite
 _OPTIONAL_REAL = ("None or a finite number", lambda v: v is None or _is_real(v),
                   lambda v: v is None or _finite(v))
 _SEED = "None or an int >= 0", lambda v: v is None or _is_int(v), lambda v: v is None or v >= 0
+_STD = "a finite number >= 0", _is_real, lambda v: _finite(v) and v >= 0
 _COMMON = {
     "residual": _BOOL, "norm": _BOOL, "activation": _choice(ACTIVATIONS), "order": _choice(ORDERS),
     "beta": _REAL, "lam": _REAL, "skipinit": _OPTIONAL_REAL,
-    "init": _choice((*INITIALIZERS, "fixup")), "zero_init_residual": _BOOL,
+    "init": _choice((*INITIALIZERS, "fixup")), "bias_init": _STD, "zero_init_residual": _BOOL,
     "dtype": _choice(("float32", "float64")), "seed": _SEED,
 }
 _RULES = {
@@ -171,7 +174,36 @@ def validate_config(config: Mapping) -> dict:
                          f"affine batch norm (block='basic', norm=True and order one of "
                          f"{', '.join(_ENDS_IN_NORM)}); got block={block!r}, "
                          f"norm={full['norm']!r}, order={full['order']!r}")
+    _check_widening(name, full, block)
     return full
+
+
+def _check_widening(name: str, full: dict, block: str) -> None:
+    """A widening activation (CReLU) only where no activation feeds the residual stream, and
+    looks-linear weights only with CReLU."""
+    act, order = full["activation"], full["order"]
+    if full["init"] == "looks_linear" and act != "crelu":
+        raise ValueError(f"{name}: init 'looks_linear' mirrors the weights fed by a CReLU: it "
+                         f"needs activation='crelu', got activation={act!r}")
+    grow = WIDENING.get(act, 1)
+    if grow == 1:
+        return
+    if block == "highway":
+        raise ValueError(f"{name}: activation {act!r} changes the width, which a highway block's "
+                         f"gated carry cannot follow; use block='basic'")
+    if order not in _PREACT:
+        raise ValueError(f"{name}: activation {act!r} changes the width, so it needs an order in "
+                         f"which every activation feeds a layer ({', '.join(_PREACT)}); in order "
+                         f"{order!r} an activation ends the block and would widen the stream")
+    if order == "full_preact" and full.get("shortcut") == "zero_pad" and full["residual"]:
+        if full["init"] == "looks_linear":
+            raise ValueError(_UNMIRRORED.format(name=name + ": "))
+        for c_in, c_out, stride, _ in _runs(full):
+            if (stride != 1 or c_in != c_out) and grow * c_in > c_out:
+                raise ValueError(
+                    f"{name}: a full_preact zero_pad shortcut sees act(N₁(x)), which activation "
+                    f"{act!r} makes {grow * c_in} wide, more than the block's {c_out} outputs; "
+                    f"use shortcut='projection'")
 
 
 # -- the closed-form plan: what the constructors build, and the state it implies -----------------
@@ -229,20 +261,21 @@ def _block_entries(config: dict, c_in: int, c_out: int, stride: int) -> list:
         return ([("h." + name, *rest) for name, *rest in
                  _block_entries(_inner(config), c_in, c_out, stride)]
                 + _weights("gate.", c_in, c_out, True, kernel))
-    norm = config["norm"]
+    norm, grow = config["norm"], WIDENING.get(config["activation"], 1)
     entries = [] if config["skipinit"] is None else [("alpha", (), False)]
     widths = [c_in] + [c_out] * config.get("layers", 2)
-    for i in range(len(widths) - 1):
-        entries += _weights(f"layers.{i}.", widths[i], widths[i + 1], not norm, kernel)
+    for i in range(len(widths) - 1):  # (a widening activation feeds every layer: see blocks)
+        entries += _weights(f"layers.{i}.", grow * widths[i], widths[i + 1], not norm, kernel)
     if norm:
         norm_widths = widths[:-1] if config["order"] == "full_preact" else widths[1:]
         for i, width in enumerate(norm_widths):
             entries += _batchnorm(f"norms.{i}.", width)
     if _projects(config, c_in, c_out, stride):
         k = None if kernel is None else 1
-        entries += (_weights("shortcut.0.", c_in, c_out, False, k)
+        seen = (grow if config["order"] == "full_preact" else 1) * c_in  # act(N₁(x)) there
+        entries += (_weights("shortcut.0.", seen, c_out, False, k)
                     + _batchnorm("shortcut.1.", c_out) if norm
-                    else _weights("shortcut.", c_in, c_out, True, k))
+                    else _weights("shortcut.", seen, c_out, True, k))
     return entries
 
 
@@ -257,7 +290,8 @@ def _stem_and_head(config: dict) -> tuple[list, list]:
         stem += _batchnorm("stem.1.", first) if norm and not pre else []
         classes, classifier = config["num_classes"], 3 if pre else 1
     head = _batchnorm("head.0.", c) if pre and norm else []
-    return stem, head + _weights(f"head.{classifier}.", c, classes, True, None)
+    grow = WIDENING.get(config["activation"], 1)  # (only in pre-activation orders)
+    return stem, head + _weights(f"head.{classifier}.", grow * c, classes, True, None)
 
 
 def state_count(config: Mapping) -> int:
@@ -339,16 +373,34 @@ def _apply_init(blocks: list[Module], classifier: Linear, init: str, zero_init_r
             norm.weight.data = norm.weight.raw * 0.0
 
 
-def _layer_init(init: str) -> str:
-    return "he" if init == "fixup" else init
+def _layer_init(init: str, fed: bool = True) -> str:
+    """The initialiser of a layer: He for Fixup (then rescaled); orthogonal instead of
+    looks-linear for a layer not fed by an activation (the stem)."""
+    if init == "fixup":
+        return "he"
+    return "orthogonal" if init == "looks_linear" and not fed else init
+
+
+def _draw_biases(network: Network, std: float, rng, dtype: str) -> None:
+    """``bias_init``: every bias of a linear or convolution layer (not a highway gate's, which
+    ``gate_bias`` sets) from N(0, std²), in module order, from a generator spawned from the
+    weights' (so the weights are the same as with zero biases). std = 0 draws nothing."""
+    if std == 0:
+        return
+    gates = {id(b.gate) for b in network.blocks if isinstance(b, HighwayBlock)}
+    draw = rng.spawn(1)[0]
+    for m in network.modules():
+        if isinstance(m, (Linear, Conv2d)) and m.bias is not None and id(m) not in gates:
+            m.bias.data = draw.normal(tuple(m.bias.shape), dtype, std=std)
 
 
 def resnet_cifar(n: int, *, width: float = 1, in_channels: int = 3, num_classes: int = 10,
                  residual: bool = True, block: str = "basic", order: str = "post",
                  norm: bool = True, activation: str = "relu", shortcut: str = "projection",
                  beta: float = 1.0, lam: float = 1.0, skipinit: float | None = None,
-                 init: str = "he", zero_init_residual: bool = False, gate_bias: float = -2.0,
-                 dtype: str = "float64", seed: int | None = 0) -> Network:
+                 init: str = "he", bias_init: float = 0.0, zero_init_residual: bool = False,
+                 gate_bias: float = -2.0, dtype: str = "float64",
+                 seed: int | None = 0) -> Network:
     """The 6n+2-layer CIFAR network of He et al. 2015 (n=3: ResNet-20, n=18: ResNet-110).
 
     A 3×3 stem convolution, three stages of ``n`` blocks at 16, 32 and 64 channels (times
@@ -356,16 +408,24 @@ def resnet_cifar(n: int, *, width: float = 1, in_channels: int = 3, num_classes:
     and a linear classifier. ``residual=False`` gives the plain counterpart with identical
     layers. Pre-activation orderings move the stem's BN and activation to the head, as in He
     et al. 2016. ``block="highway"`` swaps in highway blocks. ``init`` is "he", "xavier",
-    "orthogonal" or "fixup" (zero last branch layer and classifier, L^(-1/(2m-2)) scaling; use it
-    with ``norm=False``); ``skipinit`` adds a learnable branch scalar α with that initial value.
-    Every argument is checked first (:func:`validate_config`).
+    "orthogonal", "fixup" (zero last branch layer and classifier, L^(-1/(2m-2)) scaling; use it
+    with ``norm=False``) or "looks_linear" (with ``activation="crelu"``: mirrored orthogonal
+    weights ``[W, −W]`` in every layer fed by a CReLU, orthogonal ones elsewhere; the network
+    is then linear at initialisation, Balduzzi et al. 2017); ``skipinit`` adds a learnable
+    branch scalar α with that initial value. ``activation`` is one of
+    :data:`~miniresnet.nn.layers.ACTIVATIONS`; "crelu" doubles the width it outputs, so it
+    needs a pre-activation ``order`` (every layer it feeds, and the classifier, takes twice
+    the width) and basic blocks. ``bias_init`` = σ > 0 draws every bias (of the layers that
+    have one: all with ``norm=False``, and the classifier) from N(0, σ²), from a generator
+    spawned from ``seed`` after the weights, which stay those of σ = 0 (zero biases, the
+    default). Every argument is checked first (:func:`validate_config`).
     """
     config = validate_config({"model": "resnet_cifar", **locals()})
     r = as_rng(seed)
     first, *_, last = _stage_widths(width)
     pre = order in _PREACT
-    stem_conv = Conv2d(in_channels, first, 3, 1, 1, bias=not norm, init=_layer_init(init),
-                       dtype=dtype, rng=r)
+    stem_conv = Conv2d(in_channels, first, 3, 1, 1, bias=not norm,
+                       init=_layer_init(init, fed=False), dtype=dtype, rng=r)
     stem = stem_conv if pre else Sequential(
         stem_conv, BatchNorm2d(first, dtype=dtype) if norm else Identity(),
         make_activation(activation))
@@ -381,40 +441,51 @@ def resnet_cifar(n: int, *, width: float = 1, in_channels: int = 3, num_classes:
                                activation=activation, shortcut=shortcut, beta=beta, lam=lam,
                                skipinit=skipinit, init=_layer_init(init), dtype=dtype, rng=r)
             blocks.append(b)
-    classifier = Linear(last, num_classes, init=_layer_init(init), dtype=dtype, rng=r)
+    grow = WIDENING.get(activation, 1)  # a CReLU (pre-activation orders only) feeds it
+    classifier = Linear(grow * last, num_classes, init=_layer_init(init), dtype=dtype, rng=r)
     head_parts = ([BatchNorm2d(last, dtype=dtype) if norm else Identity(),
                    make_activation(activation)] if pre else [])
     head = Sequential(*head_parts, GlobalAvgPool2d(), classifier)
     _apply_init(blocks, classifier, init, zero_init_residual)
-    return Network(stem, Sequential(*blocks), head, config)
+    network = Network(stem, Sequential(*blocks), head, config)
+    _draw_biases(network, bias_init, r, dtype)
+    return network
 
 
 def mlp(depth: int, width: int, *, in_features: int = 1, out_features: int = 1,
         residual: bool = False, norm: bool = True, beta: float = 1.0, lam: float = 1.0,
         activation: str = "relu", order: str = "full_preact", layers: int = 1,
-        skipinit: float | None = None, init: str = "he", zero_init_residual: bool = False,
-        dtype: str = "float64", seed: int | None = 0) -> Network:
+        skipinit: float | None = None, init: str = "he", bias_init: float = 0.0,
+        zero_init_residual: bool = False, dtype: str = "float64",
+        seed: int | None = 0) -> Network:
     """A fully connected network: ``Linear(in, width)``, ``depth`` dense blocks, then
     ``Linear(width, out)``.
 
     Each block has ``layers`` linear maps (default 1) arranged by ``order``; with the default
     full pre-activation and one layer, a residual block is ``x + β W act(BN(x))`` (Balduzzi et
-    al. 2017) and the plain block ``W act(BN(x))``. Every argument is checked first
+    al. 2017) and the plain block ``W act(BN(x))``. ``activation``, ``init`` ("he",
+    "xavier", "orthogonal", "fixup", "looks_linear") and ``bias_init`` are as in
+    :func:`resnet_cifar` ("crelu" needs a pre-activation order; with "looks_linear" the stem is
+    orthogonal and every other layer mirrored); the stem and the classifier always have biases,
+    the blocks' layers with ``norm=False``. Every argument is checked first
     (:func:`validate_config`).
     """
     config = validate_config({"model": "mlp", **locals()})
     r = as_rng(seed)
-    stem = Linear(in_features, width, init=_layer_init(init), dtype=dtype, rng=r)
+    stem = Linear(in_features, width, init=_layer_init(init, fed=False), dtype=dtype, rng=r)
     blocks = [DenseBlock(c_in, c_out, residual=residual, order=order, norm=norm,
                          activation=activation, beta=beta, lam=lam, skipinit=skipinit,
                          layers=layers, init=_layer_init(init), dtype=dtype, rng=r)
               for c_in, c_out, _, count in _runs(config) for _ in range(count)]
-    classifier = Linear(width, out_features, init=_layer_init(init), dtype=dtype, rng=r)
+    grow = WIDENING.get(activation, 1)  # a CReLU (pre-activation orders only) feeds it
+    classifier = Linear(grow * width, out_features, init=_layer_init(init), dtype=dtype, rng=r)
     head_parts = ([BatchNorm1d(width, dtype=dtype) if norm else Identity(),
                    make_activation(activation)] if order in _PREACT else [])
     head = Sequential(*head_parts, classifier)
     _apply_init(blocks, classifier, init, zero_init_residual)
-    return Network(stem, Sequential(*blocks), head, config)
+    network = Network(stem, Sequential(*blocks), head, config)
+    _draw_biases(network, bias_init, r, dtype)
+    return network
 
 
 MODELS = {"resnet_cifar": resnet_cifar, "mlp": mlp}
