@@ -15,4 +15,28 @@ samples of a batch are coupled) and updates nothing.
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from miniresnet.inspect.gradients import (
+    GradientSNR,
+    autocorrelation,
+    gradient_correlation,
+    gradient_snr,
+    input_gradients,
+)
+from miniresnet.inspect.lesion import accuracy, lesioned
+from miniresnet.inspect.paths import (
+    path_gradients,
+    path_gradients_sampled,
+    path_summary,
+    shortest_range,
+    split_block,
+)
+from miniresnet.inspect.profile import Profile, block_jacobian, profile, stream_jacobian
+from miniresnet.inspect.spectra import Hessian, hessian, singular_values
+from miniresnet.inspect.units import UnitStatistics, unit_statistics
+
+__all__ = [
+    "GradientSNR", "Hessian", "Profile", "UnitStatistics", "accuracy", "autocorrelation",
+    "block_jacobian", "gradient_correlation", "gradient_snr", "hessian", "input_gradients",
+    "lesioned", "path_gradients", "path_gradients_sampled", "path_summary", "profile",
+    "shortest_range", "singular_values", "split_block", "stream_jacobian", "unit_statistics",
+]

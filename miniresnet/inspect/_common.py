@@ -94,3 +94,47 @@ def scalar_of_output(model: Network, h_last, y=None, cotangent=None) -> Callable
                              f"{out.shape}")
         c = c.raw
     return lambda out: ops.sum(out * c)
+
+
+def check_module(model, name: str) -> Module:
+    """``model`` if it is a :class:`~miniresnet.nn.Module`, else a TypeError naming ``name``."""
+    if not isinstance(model, Module):
+        raise TypeError(f"inspect.{name}: model must be a miniresnet Module (e.g. a Network built "
+                        f"by nn.resnet_cifar or nn.mlp), got {type(model).__name__}")
+    return model
+
+
+def host_data(a, name: str, what: str) -> np.ndarray:
+    """``a`` (a NumPy array, a list, a backend array or a Tensor) as a host float64 array: for
+    functions that analyse results already measured, such as a series of gradients."""
+    if isinstance(a, Tensor) or not isinstance(a, np.ndarray | list | tuple | float | int):
+        try:
+            a = host(a)
+        except TypeError:
+            raise TypeError(f"inspect.{name}: {what} must be an array, got "
+                            f"{type(a).__name__}") from None
+    out = np.asarray(a)
+    if not (np.issubdtype(out.dtype, np.floating) or np.issubdtype(out.dtype, np.integer)):
+        raise TypeError(f"inspect.{name}: {what} must hold real numbers, got dtype {out.dtype}")
+    return out.astype(np.float64)
+
+
+def output_gradient(model: Network, h_last, y=None, cotangent=None) -> tuple:
+    """``(s, ∂s/∂h_L)`` as backend arrays, ``s`` as in :func:`scalar_of_output` (call inside
+    :func:`untouched`). Cost: one forward and one reverse pass of the head."""
+    from miniresnet.transforms import vjp
+
+    y, cotangent = on_backend_of(h_last, y, cotangent)
+    scalar = scalar_of_output(model, h_last, y, cotangent)
+    s, vjp_fn = vjp(lambda h: scalar(model.head(h)), h_last)
+    return s, vjp_fn(ops.ones_like(as_tensor(s)).raw)[0]
+
+
+def on_backend_of(like, *values) -> tuple:
+    """``values`` (arrays, Tensors or None) moved to the backend and device of ``like``, so that
+    host NumPy labels or cotangents can be given for a model on any backend."""
+    from miniresnet.config import as_backend_array
+
+    be = as_tensor(like).backend
+    return tuple(None if v is None else as_backend_array(as_tensor(v).raw, backend=be)
+                 for v in values)
