@@ -6,13 +6,19 @@ Each entry gives
   specific kernels are reached through ``backend_of(array)`` and live in ``backends/``);
 * one VJP rule per argument, ``(g, ans, *args, **params) -> cotangent``;
 * one JVP rule per argument, ``(t, ans, *args, **params) -> tangent``, or ``"linear"`` when the
-  primitive is linear in each argument (then the JVP is the primitive applied to the tangent).
+  primitive is linear in each argument and its forward takes extra leading axes in each (then
+  the JVP is the primitive applied to the tangent: ``neg``, ``astype``, ``im2col``, ``col2im``).
 
 Rules are written with miniresnet's own operations (Tensor operators and :mod:`miniresnet.ops`),
 never with raw arrays, so they are differentiable: derivatives of any order come for free.
 VJP rules accept a cotangent with extra leading *batch* axes (shape ``batch + ans.shape``) and
-return ``batch + arg.shape``; ``nb(g, ans)`` is the number of such axes. This is what lets one
-reverse pass carry a whole stack of cotangents (exact Jacobians in a few passes).
+return ``batch + arg.shape``; ``nb(g, ans)`` is the number of such axes. JVP rules likewise
+accept a tangent of shape ``batch + arg.shape`` and return ``batch + ans.shape``
+(``nb(t, arg)`` axes). This is what lets one reverse pass carry a whole stack of cotangents and
+one forward pass a whole stack of tangents (exact Jacobians in a few passes). The linear maps
+whose forward fixes the rank of an argument (reshape, transpose, sum, matmul, conv...) apply
+themselves to a stack with shifted parameters, or fold the stack into an axis they already map
+independently (a conv's filters or channels), as their VJP rules do for cotangents.
 
 Elementwise primitives see operands of one shape: :mod:`miniresnet.ops` broadcasts explicitly
 with the ``broadcast_to`` primitive, whose VJP is the matching un-broadcast (a sum).
@@ -163,7 +169,7 @@ def _concat_jvp(argnum):
         before = sum(a.shape[axis] for a in args[:argnum])
         widths = [(0, 0)] * ans.ndim
         widths[axis] = (before, ans.shape[axis] - before - args[argnum].shape[axis])
-        return o.pad(t, widths)
+        return o.pad(t, ((0, 0),) * nb(t, ans) + tuple(widths))
 
     return rule
 
@@ -374,6 +380,93 @@ def _col2im_vjp(g, ans, cols, height, width, stride, padding):
     return o.im2col(g, cols.shape[-4], cols.shape[-3], stride, padding)
 
 
+# -- JVP rules of the linear maps, for a stack of tangents t (shape batch + arg.shape) -----------
+def _shifted(axes, n):
+    return tuple(a + n for a in axes)
+
+
+def _tensordot_jvp_y(t, ans, x, y, axes):
+    xa, ya = axes
+    n = nb(t, y)
+    r = o.tensordot(x, t, axes=(xa, _shifted(ya, n)))  # x_free + batch + y_free
+    free = x.ndim - len(xa)
+    return o.transpose(r, tuple(range(free, free + n)) + tuple(range(free))
+                       + tuple(range(free + n, r.ndim)))
+
+
+def _broadcast_jvp(t, ans, x, shape):
+    n = nb(t, x)
+    lead = t.shape[:n]
+    if n and len(shape) > x.ndim:  # line x's axes up with the trailing axes of shape
+        t = o.reshape(t, lead + (1,) * (len(shape) - x.ndim) + x.shape)
+    return o.broadcast_to(t, lead + shape)
+
+
+def _lead_ones(t, arg, ans):
+    """``t`` with unit axes after its batch axes, so that ``arg``'s leading (stack) axes line up
+    with ``ans``'s when a conv primitive broadcasts them against its other argument's."""
+    n, missing = nb(t, arg), ans.ndim - arg.ndim
+    return o.reshape(t, t.shape[:n] + (1,) * missing + arg.shape) if n and missing > 0 else t
+
+
+def _conv_jvp_direct(apply, which: int):
+    """JVP in an argument whose leading axes the conv kernel merges into its sample axis: the
+    primitive applied to the stack of tangents (``which``: the argument's position)."""
+    def rule(t, ans, *args, **params):
+        args = list(args)
+        args[which] = _lead_ones(t, args[which], ans)
+        return apply(*args, **params)
+
+    return rule
+
+
+def _conv_jvp_folded(apply, which: int, axis: int):
+    """JVP in a filter-like argument of a conv primitive, which maps its ``axis`` (0..3 of its 4
+    core axes) independently onto output axis 1 of 4: the batch of tangents is folded into that
+    axis, one kernel call for the whole stack (``which``: the argument's position)."""
+    def rule(t, ans, *args, **params):
+        args = list(args)
+        arg = args[which]
+        n = nb(t, arg)
+        if not n or arg.ndim > 4:  # no stack, or a stack of filters already: broadcast pairwise
+            args[which] = _lead_ones(t, arg, ans)
+            return apply(*args, **params)
+        batch = t.shape[:n]
+        b = math.prod(batch)
+        t = o.transpose(o.reshape(t, (b,) + arg.shape),
+                        tuple(range(1, axis + 1)) + (0,) + tuple(range(axis + 1, 5)))
+        args[which] = o.reshape(t, arg.shape[:axis] + (b * arg.shape[axis],) + arg.shape[axis + 1:])
+        # no cache: conv would store the folded stack's patches in the primal's (empty) one
+        r = apply(*args, **dict(params, cache=None))  # lead + (core0, b * K, core2, core3)
+        m = r.ndim - 3
+        r = o.reshape(r, r.shape[:m] + (b, r.shape[m] // b) + r.shape[m + 1:])
+        r = o.transpose(r, (m,) + tuple(range(m)) + tuple(range(m + 1, r.ndim)))
+        return o.reshape(r, batch + ans.shape)
+
+    return rule
+
+
+def _conv(x, w, stride, padding, cache):
+    return o.conv(x, w, stride, padding, cache=cache)
+
+
+def _conv_transpose(g, w, height, width, stride, padding, cache):
+    return o.conv_transpose(g, w, height, width, stride, padding, cache=cache)
+
+
+def _conv_weight_grad(x, g, kh, kw, stride, padding, cache):
+    return o.conv_weight_grad(x, g, kh, kw, stride, padding, cache=cache)
+
+
+def _affine_grad_jvp_w(t, ans, g, x, w, axis, eps, cache):
+    n = nb(t, w)
+    if not n:
+        return o.standardize_affine_grad(g, x, t, axis, eps, cache=cache)
+    unit = o.standardize_affine_grad(g, x, o.ones_like(w), axis, eps, cache=cache)
+    keep = (1,) * (g.ndim - x.ndim) + _keepdims_shape(x.shape, axis)
+    return o.reshape(t, t.shape[:n] + keep) * unit
+
+
 # fmt: off
 # ---------------------------------------------------------------------------------------------
 #  name            forward                                    VJP rules (one per argument)
@@ -392,7 +485,8 @@ sub = Primitive("sub", lambda xp, x, y: x - y,
 mul = Primitive("mul", lambda xp, x, y: x * y,
     vjp=(lambda g, ans, x, y: g * y,
          lambda g, ans, x, y: g * x),
-    jvp=LINEAR)
+    jvp=(lambda t, ans, x, y: t * y,                      # (broadcasts over a stack of t)
+         lambda t, ans, x, y: x * t))
 div = Primitive("div", lambda xp, x, y: x / y,
     vjp=(lambda g, ans, x, y: g / y,
          lambda g, ans, x, y: -g * ans / y),
@@ -437,39 +531,42 @@ astype = Primitive("astype", lambda xp, x, dtype: xp.astype(x, dtype),
 sum_ = Primitive("sum", lambda xp, x, axis, keepdims: xp.sum(x, axis=axis, keepdims=keepdims),
     vjp=(lambda g, ans, x, axis, keepdims: o.broadcast_to(
              _expand(g, ans, x, axis, keepdims), g.shape[:nb(g, ans)] + x.shape),),
-    jvp=LINEAR)
+    jvp=(lambda t, ans, x, axis, keepdims: o.sum(t, _shifted(axis, nb(t, x)), keepdims),))
 max_ = Primitive("max", lambda xp, x, axis, keepdims: xp.max(x, axis=axis, keepdims=keepdims),
     vjp=(lambda g, ans, x, axis, keepdims:
              _expand(g, ans, x, axis, keepdims) * _max_weights(ans, x, axis, keepdims),),
-    jvp=(lambda t, ans, x, axis, keepdims:
-             o.sum(t * _max_weights(ans, x, axis, keepdims), axis=axis, keepdims=keepdims),))
+    jvp=(lambda t, ans, x, axis, keepdims: o.sum(t * _max_weights(ans, x, axis, keepdims),
+                                                 _shifted(axis, nb(t, x)), keepdims),))
 logsumexp = Primitive("logsumexp", _logsumexp_impl,
     vjp=(lambda g, ans, x, axis, keepdims: _expand(g, ans, x, axis, keepdims)
              * o.exp(x - _expand(ans, ans, x, axis, keepdims)),),
     jvp=(lambda t, ans, x, axis, keepdims: o.sum(
-             t * o.exp(x - _expand(ans, ans, x, axis, keepdims)), axis=axis, keepdims=keepdims),))
+             t * o.exp(x - _expand(ans, ans, x, axis, keepdims)), _shifted(axis, nb(t, x)),
+             keepdims),))
 
 # -- shape and indexing ------------------------------------------------------------------------
 reshape = Primitive("reshape", lambda xp, x, shape: xp.reshape(x, shape),
     vjp=(lambda g, ans, x, shape: o.reshape(g, g.shape[:nb(g, ans)] + x.shape),),
-    jvp=LINEAR)
+    jvp=(lambda t, ans, x, shape: o.reshape(t, t.shape[:nb(t, x)] + shape),))
 transpose = Primitive("transpose", lambda xp, x, axes: xp.permute_dims(x, axes),
     vjp=(lambda g, ans, x, axes: o.transpose(g, tuple(range(nb(g, ans))) + tuple(
              nb(g, ans) + i for i in _inverse(axes))),),
-    jvp=LINEAR)
+    jvp=(lambda t, ans, x, axes: o.transpose(t, tuple(range(nb(t, x))) + _shifted(
+             axes, nb(t, x))),))
 broadcast_to = Primitive("broadcast_to", lambda xp, x, shape: xp.broadcast_to(x, shape),
     vjp=(lambda g, ans, x, shape: _unbroadcast(g, x.shape, shape),),
-    jvp=LINEAR)
+    jvp=(_broadcast_jvp,))
 getitem = Primitive("getitem", lambda xp, x, index: x[index],  # basic indexing only
     vjp=(lambda g, ans, x, index: o.untake(
              g, _batched_index(g, ans, index), g.shape[:nb(g, ans)] + x.shape),),
-    jvp=LINEAR)
+    jvp=(lambda t, ans, x, index: o.getitem(t, _batched_index(t, x, index)),))
 untake = Primitive("untake", _untake_impl,  # zeros(shape) with g written at index
     vjp=(lambda g, ans, x, index, shape: o.getitem(g, _batched_index(g, ans, index)),),
-    jvp=LINEAR)
+    jvp=(lambda t, ans, x, index, shape: o.untake(
+             t, _batched_index(t, x, index), t.shape[:nb(t, x)] + shape),))
 pad = Primitive("pad", _pad_impl,  # zero padding, widths: ((lo, hi), ...) per axis
     vjp=(_unpad,),
-    jvp=LINEAR)
+    jvp=(lambda t, ans, x, widths: o.pad(t, ((0, 0),) * nb(t, x) + widths),))
 concat = Primitive("concat", lambda xp, *xs, axis: xp.concat(xs, axis=axis),
     vjp=_concat_vjp,
     jvp=_concat_jvp)
@@ -478,10 +575,12 @@ concat = Primitive("concat", lambda xp, *xs, axis: xp.concat(xs, axis=axis),
 matmul = Primitive("matmul", lambda xp, x, y: xp.matmul(x, y),  # (..., n, k) @ (..., k, m)
     vjp=(lambda g, ans, x, y: o.matmul(g, o.matrix_transpose(y)),
          lambda g, ans, x, y: o.matmul(o.matrix_transpose(x), g)),
-    jvp=LINEAR)
+    jvp=(lambda t, ans, x, y: o.matmul(t, y),             # (broadcasts over a stack of t)
+         lambda t, ans, x, y: o.matmul(x, t)))
 tensordot = Primitive("tensordot", _tensordot_impl,  # axes: (x_axes, y_axes), non-negative
     vjp=(_tensordot_vjp_x, _tensordot_vjp_y),
-    jvp=LINEAR)
+    jvp=(lambda t, ans, x, y, axes: o.tensordot(t, y, (_shifted(axes[0], nb(t, x)), axes[1])),
+         _tensordot_jvp_y))
 im2col = Primitive("im2col", _im2col_impl,  # (..., C, H, W) -> (..., C, kh, kw, OH, OW)
     vjp=(_im2col_vjp,),
     jvp=LINEAR)
@@ -490,13 +589,13 @@ col2im = Primitive("col2im", _col2im_impl,  # the adjoint of im2col
     jvp=LINEAR)
 conv = Primitive("conv", _conv_impl,  # x (..., N, C, H, W) with w (..., F, C, kh, kw)
     vjp=(_conv_vjp_x, _conv_vjp_w),
-    jvp=LINEAR)
+    jvp=(_conv_jvp_direct(_conv, 0), _conv_jvp_folded(_conv, 1, 0)))
 conv_transpose = Primitive("conv_transpose", _conv_transpose_impl,  # adjoint of conv in x
     vjp=(_conv_transpose_vjp_g, _conv_transpose_vjp_w),
-    jvp=LINEAR)
+    jvp=(_conv_jvp_direct(_conv_transpose, 0), _conv_jvp_folded(_conv_transpose, 1, 1)))
 conv_weight_grad = Primitive("conv_weight_grad", _conv_weight_grad_impl,  # adjoint in w
     vjp=(_conv_weight_grad_vjp_x, _conv_weight_grad_vjp_g),
-    jvp=LINEAR)
+    jvp=(_conv_jvp_folded(_conv_weight_grad, 0, 1), _conv_jvp_direct(_conv_weight_grad, 1)))
 
 # -- normalisation (batch norm's statistics; axis: negative axes) ------------------------------
 standardize = Primitive("standardize",
@@ -516,10 +615,11 @@ standardize_affine = Primitive("standardize_affine", _standardize_affine_impl,
     jvp=(lambda t, ans, x, w, b, axis, eps, cache:
              o.standardize_affine_grad(t, x, w, axis, eps, cache=cache),
          lambda t, ans, x, w, b, axis, eps, cache:
-             o.reshape(t, _keepdims_shape(x.shape, axis))
+             o.reshape(t, t.shape[:nb(t, w)] + _keepdims_shape(x.shape, axis))
              * o.standardize(x, axis, eps, cache=cache),
-         lambda t, ans, x, w, b, axis, eps, cache:
-             o.broadcast_to(o.reshape(t, _keepdims_shape(x.shape, axis)), ans.shape)))
+         lambda t, ans, x, w, b, axis, eps, cache: o.broadcast_to(
+             o.reshape(t, t.shape[:nb(t, b)] + _keepdims_shape(x.shape, axis)),
+             t.shape[:nb(t, b)] + ans.shape)))
 standardize_affine_grad = Primitive("standardize_affine_grad", _standardize_affine_grad_impl,
     vjp=(lambda h, ans, g, x, w, axis, eps, cache:
              o.standardize_affine_grad(h, x, w, axis, eps, cache=cache),
@@ -528,8 +628,7 @@ standardize_affine_grad = Primitive("standardize_affine_grad", _standardize_affi
     jvp=(lambda t, ans, g, x, w, axis, eps, cache:
              o.standardize_affine_grad(t, x, w, axis, eps, cache=cache),
          _affine_grad_jvp_x,
-         lambda t, ans, g, x, w, axis, eps, cache:
-             o.standardize_affine_grad(g, x, t, axis, eps, cache=cache)))
+         _affine_grad_jvp_w))
 # fmt: on
 
 tracing._ADD = add

@@ -54,9 +54,13 @@ class Primitive:
         ``batch + arg.shape``: this is what lets one reverse pass carry a stack of cotangents.
         A single callable ``rule(argnum)`` returning rules is accepted for variadic primitives.
     jvp : sequence of callables, ``"linear"`` or None
-        ``rule(t, ans, *args, **params) -> tangent contribution`` per argument. ``"linear"`` means
-        the primitive is linear in each differentiable argument separately, so the contribution
-        of argument ``i`` is the primitive itself applied with ``t`` in place of argument ``i``.
+        ``rule(t, ans, *args, **params) -> tangent contribution`` per argument (or a callable
+        ``rule(argnum)`` returning them). A rule receives ``t`` with the shape
+        ``batch + arg.shape`` (any number of leading batch axes) and must return
+        ``batch + ans.shape``: this is what lets one forward pass carry a stack of tangents.
+        ``"linear"`` means the primitive is linear in each differentiable argument separately
+        and its forward accepts extra leading axes in each, so the contribution of argument
+        ``i`` is the primitive itself applied with ``t`` in place of argument ``i``.
     """
 
     __slots__ = ("name", "impl", "_vjp", "_jvp")
@@ -71,11 +75,26 @@ class Primitive:
         return rules(argnum) if callable(rules) else rules[argnum]
 
     def jvp_contribution(self, argnum: int, t, ans, args, params):
+        """The tangent of the output due to argument ``argnum``'s tangent ``t`` (shape
+        ``batch + arg.shape``), of shape ``batch + ans.shape``."""
         if self._jvp == "linear":
-            return bind(self, *args[:argnum], t, *args[argnum + 1 :], **params)
-        rules = self._jvp
-        rule = rules(argnum) if callable(rules) else rules[argnum]
-        return rule(t, ans, *args, **params)
+            out = bind(self, *args[:argnum], t, *args[argnum + 1 :], **params)
+        else:
+            rules = self._jvp
+            if rules is None:
+                raise TypeError(f"{self.name}: no JVP rules, so no forward-mode derivative")
+            rule = rules(argnum) if callable(rules) else rules[argnum]
+            if rule is None:
+                raise TypeError(f"{self.name}: argument {argnum} is not differentiable")
+            out = rule(t, ans, *args, **params)
+        want = t.shape[: t.ndim - args[argnum].ndim] + ans.shape
+        if out.shape != want:  # a rule that drops or mangles the tangents' batch axes
+            raise ValueError(
+                f"{self.name}: the JVP rule of argument {argnum} returned shape {out.shape} for "
+                f"a tangent of shape {t.shape}; expected {want} (the batch axes of the tangent, "
+                f"then the output's shape {ans.shape})"
+            )
+        return out
 
     def __repr__(self) -> str:
         return f"<primitive {self.name}>"

@@ -23,6 +23,7 @@ from miniresnet.tracing import (
     as_tensor,
     backward_pass,
     check_input_finite,
+    dtype_name,
     eager_tape_off,
     finalize,
     is_on_eager_tape,
@@ -195,26 +196,50 @@ def grad(f: Callable, argnums: int | Sequence[int] = 0) -> Callable:
 def jvp(f: Callable, primals: Sequence, tangents: Sequence):
     """Forward mode: ``(f(*primals), J(primals) @ tangents)`` in one pass.
 
-    ``primals`` and ``tangents`` are tuples of equal length and matching shapes and dtypes.
+    ``primals`` and ``tangents`` are tuples of equal length; each tangent has its primal's
+    dtype and shape, optionally with leading batch axes, the same for every tangent: a *stack*
+    of tangents of shape ``(k, ...) + primal.shape`` is pushed forward in one pass, and each
+    output's tangent then has shape ``(k, ...) + out.shape`` (Jacobian columns k at a time).
     ``f`` may return one array or a tuple of arrays.
+
+    Examples
+    --------
+    >>> import numpy as np, miniresnet as mr
+    >>> out, jv = mr.jvp(lambda x: x * x, (np.array([1.0, 2.0]),), (np.eye(2),))
+    >>> jv                            # two tangents at once: the Jacobian's columns, stacked
+    array([[2., 0.],
+           [0., 4.]])
     """
     if not isinstance(primals, (tuple, list)) or not isinstance(tangents, (tuple, list)):
         raise TypeError("jvp: primals and tangents must be tuples, e.g. jvp(f, (x,), (v,))")
     if len(primals) != len(tangents):
         raise ValueError(f"jvp: {len(primals)} primals but {len(tangents)} tangents")
+    return _jvp(f, primals, tangents, any(map(is_on_eager_tape, (*primals, *tangents))))
+
+
+def _jvp(f: Callable, primals: Sequence, tangents: Sequence, record_eager: bool):
     level = new_level()
-    xs = []
+    xs, batch = [], None
     for k, (p, t) in enumerate(zip(primals, tangents)):
         p, t = as_tensor(p), as_tensor(t)
         _check_float("jvp", p, "every primal")
         check_input_finite("jvp", p, f"primal {k}")
         check_input_finite("jvp", t, f"tangent {k}")
-        if p.shape != t.shape or p.dtype != t.dtype:
+        n = t.ndim - p.ndim
+        if n < 0 or t.shape[n:] != p.shape or t.dtype != p.dtype:
             raise ValueError(
-                f"jvp: tangent {t.shape} {t.dtype} does not match primal {p.shape} {p.dtype}"
+                f"jvp: tangent {k} ({t.shape} {dtype_name(t.dtype)}) does not match primal {k} "
+                f"({p.shape} {dtype_name(p.dtype)}): it must have the primal's dtype and shape, "
+                "optionally with leading batch axes"
             )
+        if batch is not None and t.shape[:n] != batch:
+            raise ValueError(
+                f"jvp: tangent {k} has batch axes {t.shape[:n]} (shape {t.shape} for primal "
+                f"shape {p.shape}), but the tangents before it have {batch}; every tangent "
+                "needs the same leading batch axes"
+            )
+        batch = t.shape[:n]
         xs.append(make(p, level, None, t))
-    record_eager = any(map(is_on_eager_tape, (*primals, *tangents)))
     with contextlib.nullcontext() if record_eager else eager_tape_off():
         out = f(*xs)
 
@@ -222,7 +247,7 @@ def jvp(f: Callable, primals: Sequence, tangents: Sequence):
         o = _output("jvp", o)
         if o._level == level:
             return finalize(o._value), finalize(o._tangent)
-        return finalize(o), finalize(ops.zeros_like(o))
+        return finalize(o), finalize(ops.zeros_like(o, shape=(batch or ()) + o.shape))
 
     if isinstance(out, (tuple, list)):
         pairs = [split(o) for o in out]
@@ -234,45 +259,109 @@ def _default_chunk(n: int, sizes) -> int:
     return max(1, min(n, 2**22 // max(1, *sizes)))
 
 
-def jacobian(f: Callable, argnums: int | Sequence[int] = 0, *, chunk_size: int | None = None):
+_MODES = ("reverse", "forward")
+
+
+def jacobian(f: Callable, argnums: int | Sequence[int] = 0, *, chunk_size: int | None = None,
+             mode: str = "reverse"):
     """The exact dense Jacobian of ``f``, of shape ``out.shape + arg.shape``.
 
-    Computed by reverse passes that each carry ``chunk_size`` basis cotangents at once (default:
-    as many as fit a few million numbers), not one pass per output element.
+    ``mode="reverse"`` (default) builds it from rows: reverse passes that each carry
+    ``chunk_size`` basis cotangents at once, ``ceil(out.size / chunk_size)`` passes after one
+    forward pass. ``mode="forward"`` builds it from columns: forward passes that each push
+    ``chunk_size`` basis tangents (over all arguments in ``argnums`` together) through ``f``,
+    ``ceil(n_in / chunk_size)`` passes, each also recomputing ``f``; cheaper when the inputs
+    are fewer than the outputs. The default ``chunk_size`` keeps a stack to a few million
+    numbers (in forward mode judged from the output, seen after a first one-column pass).
     """
-
+    if mode not in _MODES:
+        raise ValueError(f"jacobian: mode must be 'reverse' or 'forward', got {mode!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(
+            chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"jacobian: chunk_size must be a positive int or None, got "
+                         f"{chunk_size!r}")
     given = _check_argnums(argnums, "jacobian")
     single = not isinstance(argnums, (tuple, list))
 
     def wrapped(*args):
         nums = _positions(given, len(args), "jacobian")
-        out, vjp_fn = _differentiate("jacobian", f, args, nums)
-        out_t = as_tensor(out)
-        xs = [as_tensor(args[i]) for i in nums]
-        n = out_t.size
-        chunk = chunk_size or _default_chunk(n, [out_t.size] + [x.size for x in xs])
-        xp = out_t.backend.xp
-        blocks: list[list[Tensor]] = [[] for _ in nums]
-        for start in range(0, n, chunk):
-            k = min(chunk, n - start)
-            eye = xp.eye(k, n, k=start, dtype=out_t.dtype, device=out_t.raw.device)
-            basis = make(xp.reshape(eye, (k,) + out_t.shape))
-            for block, ct in zip(blocks, vjp_fn(basis)):
-                block.append(as_tensor(ct))
-        jacs = tuple(
-            finalize(ops.reshape(ops.concat(b, 0) if len(b) > 1 else b[0], out_t.shape + x.shape))
-            for b, x in zip(blocks, xs)
-        )
+        jacs = (_jacobian_forward if mode == "forward" else _jacobian_reverse)(
+            f, args, nums, chunk_size)
         return jacs[0] if single else jacs
 
     return wrapped
+
+
+def _jacobian_reverse(f, args, nums, chunk_size):
+    out, vjp_fn = _differentiate("jacobian", f, args, nums)
+    out_t = as_tensor(out)
+    xs = [as_tensor(args[i]) for i in nums]
+    n = out_t.size
+    chunk = chunk_size or _default_chunk(n, [out_t.size] + [x.size for x in xs])
+    xp = out_t.backend.xp
+    blocks: list[list[Tensor]] = [[] for _ in nums]
+    for start in range(0, n, chunk):
+        k = min(chunk, n - start)
+        eye = xp.eye(k, n, k=start, dtype=out_t.dtype, device=out_t.raw.device)
+        basis = make(xp.reshape(eye, (k,) + out_t.shape))
+        for block, ct in zip(blocks, vjp_fn(basis)):
+            block.append(as_tensor(ct))
+    return tuple(
+        finalize(ops.reshape(ops.concat(b, 0) if len(b) > 1 else b[0], out_t.shape + x.shape))
+        for b, x in zip(blocks, xs)
+    )
+
+
+def _jacobian_forward(f, args, nums, chunk_size):
+    unique = tuple(dict.fromkeys(nums))
+    fixed = tuple(a if isinstance(a, Tensor) or known_backend(a) is None else as_tensor(a)
+                  for a in args)  # arrays become Tensors, so that f sees Tensors everywhere
+    xs = [as_tensor(args[i]) for i in unique]
+    record_eager = any(map(is_on_eager_tape, args))
+
+    def g(*diff):
+        full = list(fixed)
+        for i, d in zip(unique, diff):
+            full[i] = d
+        return f(*full)
+
+    sizes = [x.size for x in xs]
+    offsets = [sum(sizes[:j]) for j in range(len(xs))]
+    n = sum(sizes)
+    xp = xs[0].backend.xp
+    columns: list[Tensor] = []
+    start, chunk = 0, chunk_size or 1  # without a chunk size: one column, to see the output
+    while start < n:
+        k = min(chunk, n - start)
+        basis = tuple(  # columns start..start+k of the identity, cut into the arguments' parts
+            make(xp.reshape(xp.eye(k, size, k=start - offset, dtype=x.dtype,
+                                   device=x.raw.device), (k,) + x.shape))
+            for x, size, offset in zip(xs, sizes, offsets))
+        out, cols = _jvp(g, xs, basis, record_eager)
+        if isinstance(out, (tuple, list)):
+            raise TypeError("jacobian: the function must return one array or Tensor, got a "
+                            f"{type(out).__name__}")
+        columns.append(as_tensor(cols))
+        if chunk_size is None and start == 0:
+            chunk = _default_chunk(n, [as_tensor(out).size] + sizes)
+        start += k
+    out_shape = columns[0].shape[1:]
+    whole = ops.concat(columns, 0) if len(columns) > 1 else columns[0]  # (n_in,) + out.shape
+    r = len(out_shape)
+    whole = ops.transpose(whole, tuple(range(1, r + 1)) + (0,))  # out.shape + (n_in,)
+    jacs = {i: finalize(ops.reshape(
+        ops.getitem(whole, (Ellipsis, slice(offset, offset + size))), out_shape + x.shape))
+        for i, x, size, offset in zip(unique, xs, sizes, offsets)}
+    return tuple(jacs[i] for i in nums)
 
 
 def hvp(f: Callable, primals, tangents):
     """Hessian-vector product of a scalar ``f`` (forward-over-reverse: ``jvp`` of ``grad``).
 
     ``primals`` and ``tangents`` are arrays (or tuples of arrays, for several arguments); the
-    result has the same structure.
+    result has the same structure. Tangents may carry leading batch axes, as in :func:`jvp`:
+    a stack of ``k`` vectors gives ``k`` Hessian-vector products (with the basis vectors,
+    ``k`` columns of the Hessian) from one forward-over-reverse pass.
     """
     single = not isinstance(primals, (tuple, list))
     primals = (primals,) if single else tuple(primals)
