@@ -72,15 +72,13 @@ class _Map:
         return host(jacobian(self.f)(self.x)).reshape(self.shape)
 
     def matmat(self, v: np.ndarray) -> np.ndarray:
-        """``A @ v`` for ``v`` of shape (n, k): k JVPs (k forward passes)."""
+        """``A @ v`` for ``v`` of shape (n, k): one forward pass carrying k tangents."""
         if self.matrix is not None:
             return self.matrix @ v
-        cols = []
-        for j in range(v.shape[1]):
-            t = self.backend.asarray(np.ascontiguousarray(v[:, j]).reshape(self.x.shape),
-                                     self.dtype)
-            cols.append(host(jvp(self.f, (self.x,), (t,))[1]).reshape(-1))
-        return np.stack(cols, axis=1)
+        k = v.shape[1]
+        t = self.backend.asarray(np.ascontiguousarray(v.T).reshape((k,) + self.x.shape),
+                                 self.dtype)
+        return host(jvp(self.f, (self.x,), (t,))[1]).reshape(k, -1).T
 
     def rmatmat(self, u: np.ndarray) -> np.ndarray:
         """``Aᵀ @ u`` for ``u`` of shape (m, k): one reverse pass carrying k cotangents."""
