@@ -20,3 +20,23 @@ def test_readme_example_runs(backend, index, tmp_path, monkeypatch):
     blocks = python_blocks()
     namespace: dict = {}
     exec(compile("\n".join(blocks[: index + 1]), f"README block {index}", "exec"), namespace)
+
+
+def test_readme_demo_numbers_are_the_committed_results(backend):
+    """Every number the README quotes from the demo is generated from figures/results.json."""
+    if backend.name != "numpy":
+        pytest.skip("reads files only")
+    import json
+
+    from miniresnet.experiments.report import readme_section
+
+    root = README.parent
+    results = json.loads((root / "figures" / "results.json").read_text())
+    text = README.read_text()
+    block = re.search(r"<!-- demo-results:begin -->\n(.*?)<!-- demo-results:end -->", text,
+                      flags=re.S)
+    assert block, "README has no demo-results block"
+    assert block.group(1) == readme_section(results)
+    for figure in re.findall(r"\]\((figures/[^)]+)\)", block.group(1)):
+        assert (root / figure).is_file(), figure
+    assert results["scale"] == "default"

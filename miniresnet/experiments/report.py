@@ -115,3 +115,21 @@ def terminal_table(results: dict) -> str:
     widths = [max(len(r[k]) for r in rows) for k in range(4)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
                      for r in rows)
+
+
+def readme_section(results: dict, figures: str = "figures") -> str:
+    """The README's "What the demo finds" block for ``results`` (the committed default run):
+    per question one figure and the claims as paper vs measured, formatting only."""
+    lines = [f"Default scale, seed {results['seed']}: `python -m miniresnet.demo --out "
+             f"{figures}/` writes these figures, [`{figures}/REPORT.md`]({figures}/REPORT.md) "
+             f"and `{figures}/results.json`.", ""]
+    for name, exp in results["experiments"].items():
+        lines += [f"**{exp.get('title', name)}** (`{name}`)", ""]
+        if exp.get("figures"):
+            lines += [f"![{name}]({figures}/{exp['figures'][0]})", ""]
+        lines += ["| claim | source | paper | measured | verdict |", "|---|---|---|---|---|"]
+        for c in exp.get("claims", []):
+            lines.append(f"| `{c['id']}` | {_cell(c['source'])} | {number(c['paper'])} | "
+                         f"{_cell(measured(c))} | {verdict(c, results['scale'])} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
