@@ -36,7 +36,8 @@ SETUP = (
     "h_l = W φ(BN(h_{l-1})) of 60 layers (nn.mlp, order full_preact, one layer per block), B "
     "Gaussian inputs whose dimension equals the width, λ = the geometric-mean growth of the "
     "squared gradient norm per layer over layers 5–45, measured at the widest width run (their "
-    "formula is for infinite width). He et al. 2015's 'healthy norms with BN' is pinned to their "
+    "formula is for infinite width; the second figure also shows λ at a narrower width, to show "
+    "how finite width moves it). He et al. 2015's 'healthy norms with BN' is pinned to their "
     "plain CIFAR net (3×3 conv–BN–ReLU, 16/32/64 channels, 2n conv layers per stage) on Gaussian "
     "images; 'healthy' is our rule: ‖∂s/∂h_0‖/‖∂s/∂h_L‖ within a factor of 10."
 )
