@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from model_state import assert_same, snapshot, with_grads
 
 import miniresnet as mr
 import miniresnet.functional as F
@@ -27,29 +28,6 @@ def labels(backend, values):
     return backend.asarray(np.asarray(values), "int64")
 
 
-def snapshot(model):
-    """Everything a measurement must leave alone: parameters, their .grad, buffers, modes."""
-    return ({k: host(v) for k, v in model.state_dict().items()},
-            [None if p.grad is None else host(p.grad) for p in model.parameters()],
-            [(m.training, getattr(m, "track_running_stats", None)) for m in model.modules()])
-
-
-def assert_same(a, b):
-    assert a[0].keys() == b[0].keys()
-    for k in a[0]:
-        np.testing.assert_array_equal(a[0][k], b[0][k], err_msg=k)
-    for ga, gb in zip(a[1], b[1]):
-        assert (ga is None) == (gb is None)
-        if ga is not None:
-            np.testing.assert_array_equal(ga, gb)
-    assert a[2] == b[2]
-
-
-def with_grads(model, backend):
-    """Give every parameter a .grad, so that the test sees whether it changes."""
-    for i, p in enumerate(model.parameters()):
-        p.grad = mr.Tensor(backend.asarray(np.full(p.shape, 0.5 + i), "float64"))
-    return model
 
 
 def diagonal_blocks(jac, output):

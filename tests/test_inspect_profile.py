@@ -1,11 +1,11 @@
 """inspect.profile, block_jacobian, stream_jacobian, lesioned, accuracy: checked against
 block-by-block VJPs, the eager tape, brute-force pair counts and mr.jacobian."""
 
-import contextlib
 import itertools
 
 import numpy as np
 import pytest
+from model_state import unchanged
 
 import miniresnet as mr
 from miniresnet import functional as F
@@ -18,32 +18,6 @@ MODES = ["train", "eval"]
 
 def _data(backend, shape, seed=0):
     return backend.asarray(np.random.default_rng(seed).normal(size=shape), "float64")
-
-
-def _state(model):
-    named = list(model.named_parameters())
-    return ([mr.to_numpy(p) for _, p in named],
-            [None if p.grad is None else mr.to_numpy(p.grad) for _, p in named],
-            [mr.to_numpy(b) for b in model.buffers()],
-            [m.training for m in model.modules()])
-
-
-def _same(a, b):
-    return all(x is None and y is None or x is not None and y is not None
-               and np.array_equal(x, y) for x, y in zip(a, b, strict=True))
-
-
-@contextlib.contextmanager
-def unchanged(model, x, mode):
-    """Put ``model`` in ``mode`` with gradients on every parameter, then check that the body
-    leaves parameters, gradients, running statistics and modes exactly as they were."""
-    ops.sum(model(x) ** 2).backward()  # every .grad set (and, in train mode, new statistics)
-    model.train(mode == "train")
-    before = _state(model)
-    yield model
-    after = _state(model)
-    for part, old, new in zip(("parameters", ".grad", "buffers", "modes"), before, after):
-        assert _same(old, new) if part != "modes" else old == new, f"{part} changed"
 
 
 def _resnet(**kw):

@@ -18,7 +18,7 @@ from miniresnet import inspect, nn
 from miniresnet.config import current_backend
 from miniresnet.experiments import plots
 from miniresnet.experiments.claims import claim, judge, mean_and_spread
-from miniresnet.nn.layers import _BatchNorm
+from miniresnet.nn.layers import BatchNorm1d, BatchNorm2d
 from miniresnet.tracing import no_grad
 
 NAME = "jacobian_spectra"
@@ -79,7 +79,7 @@ def trials(scale: str, seed: int) -> list[dict]:
 def calibrate(model, x) -> None:
     """Set every batch norm's running statistics to those of the batch ``x`` (one
     training-mode forward pass with momentum 1), then put ``model`` in evaluation mode."""
-    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    norms = [m for m in model.modules() if isinstance(m, BatchNorm1d | BatchNorm2d)]
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.momentum = 1.0
