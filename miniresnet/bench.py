@@ -52,6 +52,8 @@ from typing import Any
 
 import numpy as np
 
+from miniresnet._cli import whole_number
+
 LIBS: tuple[str, ...] = ("ours", "torch", "autograd")
 # joint relative error (see joint_rel_error) allowed between libraries. float32: PyTorch and
 # autograd themselves differ by ~4e-3 on a ResNet-20 training step (rounding through 20 batch
@@ -852,19 +854,6 @@ def write_json(report: dict[str, Any], path: str | os.PathLike) -> None:
         raise
 
 
-def _whole(least: int) -> Callable[[str], int]:
-    """An argparse type: a whole number >= ``least``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
-        return value
-    return parse
-
-
 def _names(valid: Sequence[str]) -> Callable[[str], list[str]]:
     """An argparse type: a non-empty comma-separated list of names among ``valid``."""
     def parse(text: str) -> list[str]:
@@ -908,7 +897,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--cases", type=_names(GROUPS), default=",".join(GROUPS),
                    help=f"comma-separated case groups among {', '.join(GROUPS)} "
                         f"(default: %(default)s)")
-    p.add_argument("--repeats", type=_whole(1), default=None,
+    p.add_argument("--repeats", type=whole_number(1), default=None,
                    help="timed calls per library, at least 5 unless --quick (default: 5, or 2 "
                         "with --quick)")
     p.add_argument("--dtypes", type=_names(tuple(TOLERANCE)), default=",".join(TOLERANCE),
@@ -917,7 +906,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--libs", type=_names(LIBS), default=",".join(LIBS),
                    help=f"comma-separated, among {', '.join(LIBS)}; must include ours "
                         f"(default: %(default)s)")
-    p.add_argument("--threads", type=_whole(1), default=THREADS,
+    p.add_argument("--threads", type=whole_number(1), default=THREADS,
                    help="threads of every library (BLAS pools, PyTorch) (default: %(default)s)")
     p.add_argument("--json", metavar="PATH", type=_json_target, default=None,
                    help="save the full report here as JSON (its folder must exist)")

@@ -28,24 +28,13 @@ from types import ModuleType
 from typing import Any
 
 from miniresnet import experiments
+from miniresnet._cli import whole_number
 from miniresnet.experiments import claims as claims_mod
 from miniresnet.experiments import report, runner
 from miniresnet.experiments.claims import SCALES
 
 PROG = "python -m miniresnet.demo"
 VERSION = 1
-
-
-def _whole(least: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
-        return value
-    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="toy scale: every experiment together in about a minute (CI)")
     scale.add_argument("--full", dest="scale", action="store_const", const="full",
                        help="paper-like scale (see --list for the time)")
-    which.add_argument("--seed", type=_whole(0), default=0,
+    which.add_argument("--seed", type=whole_number(0), default=0,
                        help="global seed, >= 0; each trial's seed derives from it and the "
                             "trial's config (default: %(default)s)")
     which.add_argument("--backend", choices=BACKEND_NAMES, default=current_backend().name,
@@ -86,13 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     out.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bars on stderr (default: when it is a terminal)")
     where = p.add_argument_group("where trials run")
-    where.add_argument("--workers", type=_whole(1), default=None,
+    where.add_argument("--workers", type=whole_number(1), default=None,
                        help="local worker processes (with --dask local: the cluster's worker "
                             "count; default: run in this process)")
     where.add_argument("--dask", metavar="ADDRESS", default=None,
                        help='a dask.distributed scheduler address, or "local" for a new '
                             'LocalCluster (pip install "miniresnet[distributed]")')
-    where.add_argument("--threads", type=_whole(1), default=1,
+    where.add_argument("--threads", type=whole_number(1), default=1,
                        help="BLAS threads per trial; workers x threads must not exceed the "
                             "cores (default: %(default)s)")
     return p
