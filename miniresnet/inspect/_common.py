@@ -138,3 +138,15 @@ def on_backend_of(like, *values) -> tuple:
     be = as_tensor(like).backend
     return tuple(None if v is None else as_backend_array(as_tensor(v).raw, backend=be)
                  for v in values)
+
+
+@contextlib.contextmanager
+def hooked(modules, hook) -> Iterator[None]:
+    """Within this context, ``hook(module, inputs, output)`` runs after every forward pass of
+    each of ``modules``; the hooks are removed on exit, whatever happened inside."""
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

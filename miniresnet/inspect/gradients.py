@@ -14,11 +14,12 @@ from miniresnet import functional as F
 from miniresnet.inspect._common import (
     check_module,
     check_network,
+    hooked,
     host,
     host_data,
     untouched,
 )
-from miniresnet.nn.layers import _BatchNorm
+from miniresnet.nn.layers import BatchNorm1d, BatchNorm2d
 from miniresnet.nn.module import functional_call, substituted
 from miniresnet.tracing import as_tensor, no_grad
 from miniresnet.transforms import grad, vjp
@@ -45,13 +46,8 @@ def _batch_statistics(model, norms, x) -> dict:
         stats[module] = (mean, var)
         calls[module] = calls.get(module, 0) + 1
 
-    handles = [m.register_forward_hook(observe) for m in norms]
-    try:
-        with no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
+    with hooked(norms, observe), no_grad():
+        model(x)
     names = {m: name for name, m in model.named_modules()}
     values = {}
     for m, (mean, var) in stats.items():
@@ -105,7 +101,8 @@ def input_gradients(model, x, *, output: int = 0, batch_stats: str = "frozen") -
         raise ValueError("inspect.input_gradients: x must have a sample axis (axis 0), got a "
                          "scalar")
     with untouched(model):
-        norms = [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training]
+        norms = [m for m in model.modules()
+                 if isinstance(m, BatchNorm1d | BatchNorm2d) and m.training]
         frozen = {}
         if norms and batch_stats == "frozen":
             frozen = _batch_statistics(model, norms, x)

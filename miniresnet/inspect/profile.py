@@ -10,6 +10,7 @@ import numpy as np
 from miniresnet.inspect._common import (
     check_block_index,
     check_network,
+    hooked,
     host,
     on_backend_of,
     scalar_of_output,
@@ -126,13 +127,8 @@ def profile(model, x, y=None, *, cotangent=None) -> Profile:
             acts.append(names.get(id(module), type(module).__name__))
             stats.append(_unit_statistics(a.backend.xp, a.raw))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
-    try:
-        with untouched(model):
-            return _profile(model, x, y, cotangent, recording, acts, stats)
-    finally:
-        for handle in handles:
-            handle.remove()
+    with hooked((m for m in model.modules() if isinstance(m, kinds)), hook), untouched(model):
+        return _profile(model, x, y, cotangent, recording, acts, stats)
 
 
 def _profile(model, x, y, cotangent, recording, acts, stats) -> Profile:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from miniresnet.inspect._common import check_module, host, untouched
+from miniresnet.inspect._common import check_module, hooked, host, untouched
 from miniresnet.nn import layers
 from miniresnet.tracing import as_tensor, no_grad
 
@@ -87,14 +87,8 @@ def unit_statistics(model, x) -> UnitStatistics:
         seen[names[module] + (f"[{j}]" if j else "")] = (active, cov)
 
     with untouched(model):
-        handles = [m.register_forward_hook(observe) for m in model.modules()
-                   if isinstance(m, kinds)]
-        try:
-            with no_grad():
-                model(x)
-        finally:
-            for h in handles:
-                h.remove()
+        with hooked((m for m in model.modules() if isinstance(m, kinds)), observe), no_grad():
+            model(x)
     stats = UnitStatistics({}, {}, {}, {})
     for key, (active, cov) in seen.items():
         a, c = host(active), host(cov)
