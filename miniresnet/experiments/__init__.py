@@ -30,7 +30,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-EXPERIMENTS = ("vanishing_exploding", "shattered_gradients", "paths_at_init",
+EXPERIMENTS = ("degradation", "vanishing_exploding", "shattered_gradients", "paths_at_init",
                "shortcut_scaling", "jacobian_spectra", "init_schemes")
 
 

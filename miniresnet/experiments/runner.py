@@ -20,6 +20,11 @@ the version is the package's, plus a digest of the experiment module's source so
 an experiment invalidates its cache). :func:`run_experiment` loads those first and recomputes
 nothing cached; a trial that raises is recorded as failed (not cached, so a rerun retries it)
 and the sweep goes on.
+
+Trained networks shared between experiments (:mod:`miniresnet.experiments.training`) are stored
+in ``OUT/.trials/_train/``: :func:`run_experiment` passes that folder to :func:`execute`, which
+sets it (:func:`~miniresnet.experiments.training.store_at`) around the trial in whichever
+process runs it.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from types import ModuleType
 from typing import Any
 
 BLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+TRAINED = "_train"  # OUT/.trials/_train/: the shared trained networks (not an experiment)
 DISTRIBUTED_MISSING = ('dask.distributed is not installed; install it with '
                        'pip install "miniresnet[distributed]"')
 
@@ -181,18 +187,22 @@ def blas_threads(threads: int) -> Iterator[None]:
         yield
 
 
-def execute(module_name: str, config: dict, seed: int, threads: int, backend: str) -> dict:
+def execute(module_name: str, config: dict, seed: int, threads: int, backend: str,
+            store: str | None = None) -> dict:
     """Run one trial where this function is called (any process); never raises for the trial.
+
+    ``store`` is the folder of the shared trained networks for the trial (None: none).
 
     Returns ``{"ok": True, "result": data, "seconds": s}`` with ``data`` JSON round-tripped,
     or ``{"ok": False, "error": {"type", "message", "traceback"}, "seconds": s}``.
     """
     import miniresnet as mr
+    from miniresnet.experiments.training import store_at
 
     start = time.perf_counter()
     try:
         module = importlib.import_module(module_name)
-        with blas_threads(threads), mr.use_backend(backend):
+        with blas_threads(threads), mr.use_backend(backend), store_at(store):
             result = json_roundtrip(module.run_trial(config, seed))
         if not isinstance(result, dict):
             raise TypeError(f"run_trial returned {type(result).__name__}, not a dict")
@@ -401,7 +411,8 @@ def run_experiment(name: str, module: ModuleType, trials: list[Trial], out: str 
     bar = tqdm(total=len(trials), initial=cached, desc=name, file=sys.stderr, disable=not show,
                unit="trial", leave=True, dynamic_ncols=True)
     try:
-        calls = [(module.__name__, trials[i].config, trials[i].seed, ex.threads, backend)
+        store = str((Path(out) / ".trials" / TRAINED).resolve())
+        calls = [(module.__name__, trials[i].config, trials[i].seed, ex.threads, backend, store)
                  for i in todo]
         for j, record in ex.map(calls):
             i = todo[j]

@@ -1,0 +1,272 @@
+"""Shared trained networks: training a network is a cached trial whose result is a checkpoint.
+
+:func:`trained` returns the model a training config describes, trained with
+:func:`miniresnet.train.fit`, together with its per-epoch history. Several experiments ask for
+the same nets (degradation, lesions, paths, ...), so the result is stored once and loaded after::
+
+    STORE/<key>.safetensors   the trained model, its optimiser state and (in ``extra``) the
+                              training config, seed and history (authoritative)
+    STORE/<key>.json          the same history as a small JSON record, for people and tools
+    STORE/<key>.partial.safetensors   while training: the state after the last finished epoch
+
+``key`` is the SHA-256 of the canonical training config, the seed, the backend, the digest of
+an ``.npz`` data file's bytes and the code version (the package's, plus a digest of this
+module's source). Training checkpoints after every epoch, so a killed run resumes from the
+epoch after the last one saved; :func:`~miniresnet.train.fit` makes the resumed run
+bit-identical to an uninterrupted one on the same backend and machine. Every file is written
+atomically; a lock file (POSIX ``flock``) makes processes that ask for the same net at once
+train it once, the others then load it.
+
+Where the store is: :func:`store_at` sets it for a block. The runner
+(:func:`miniresnet.experiments.runner.execute`) sets it to ``OUT/.trials/_train`` around every
+trial, in whichever process (pool worker, dask worker) the trial runs. Without a store (e.g.
+``run_trial`` called directly) :func:`trained` trains and caches nothing.
+
+To share a net, experiments build the same config (:func:`config`) and pass the same seed;
+derive that seed from the run's global seed in ``trials(scale, seed)`` and put it in the trial
+config, never from ``run_trial``'s own seed (which differs per experiment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from miniresnet import nn
+from miniresnet.checkpoint import load_checkpoint, save_checkpoint
+from miniresnet.optim import SGD
+from miniresnet.train import fit  # looked up here at call time: tests count the calls
+
+__all__ = ["Trained", "config", "current_store", "file_digest", "load_data", "net_seed",
+           "store_at", "train_key", "trained"]
+
+_STORE: Path | None = None
+_TRAINING_KEYS = ("model", "data", "dtype", "epochs", "batch_size", "lr", "momentum",
+                  "weight_decay", "schedule")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Trained:
+    """A trained network: ``model`` (in evaluation mode), ``history`` (fit's per-epoch records:
+    epoch, lr, train_loss, train_acc, test_loss, test_acc), ``seconds`` (wall time per epoch,
+    of whichever run trained it) and ``cached`` (loaded from the store, not trained now)."""
+
+    model: Any
+    history: list[dict]
+    seconds: list[float]
+    cached: bool
+
+
+def config(n: int, *, residual: bool = True, width: float = 0.5, epochs: int = 12,
+           lr: float = 0.1, batch_size: int = 128, momentum: float = 0.9,
+           weight_decay: float = 5e-4, schedule: str = "cosine", data: str = "digits",
+           dtype: str = "float32", **model: Any) -> dict:
+    """The training config of a CIFAR-style ResNet (``residual=False``: its plain counterpart)
+    with ``n`` blocks per stage; ``model`` adds :func:`miniresnet.nn.resnet_cifar` arguments.
+    ``data`` is "digits" (the bundled digits, split with seed 0) or the path of an ``.npz``
+    file (:func:`miniresnet.data.load_npz`; its own test set, else 20 % held out, seed 0)."""
+    return {"model": {"model": "resnet_cifar", "n": n, "residual": residual, "width": width,
+                      **model},
+            "data": data, "dtype": dtype, "epochs": epochs, "batch_size": batch_size, "lr": lr,
+            "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule}
+
+
+def net_seed(seed: int, replicate: int = 0) -> int:
+    """The training seed of replicate ``replicate`` in a run seeded ``seed`` (< 2**32), the same
+    for every experiment (so they share the net)."""
+    digest = hashlib.sha256(json.dumps(["trained-net", int(seed), int(replicate)]).encode())
+    return int.from_bytes(digest.digest()[:4], "big")
+
+
+# ---------------------------------------------------------------------------- the store
+
+@contextlib.contextmanager
+def store_at(folder: str | os.PathLike | None) -> Iterator[None]:
+    """Use ``folder`` (created if needed; ``None``: no caching) as the store inside the block."""
+    global _STORE
+    previous = _STORE
+    _STORE = None if folder is None else Path(folder)
+    try:
+        yield
+    finally:
+        _STORE = previous
+
+
+def current_store() -> Path | None:
+    """The store set by :func:`store_at`, or None."""
+    return _STORE
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes (an .npz data file's part of the store key)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def train_key(cfg: dict, seed: int) -> str:
+    """The store key of the net ``cfg`` trained with ``seed`` on the current backend."""
+    from miniresnet.config import current_backend
+    from miniresnet.experiments import runner
+
+    data = cfg["data"]
+    return runner._sha256(runner.canonical({
+        "config": cfg, "seed": int(seed), "backend": current_backend().name,
+        "data_sha256": None if data == "digits" else file_digest(data),
+        "version": runner.code_version(_this_module())}))
+
+
+def _this_module():
+    import sys
+
+    return sys.modules[__name__]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` (POSIX flock; a no-op where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------------------- training
+
+def _check(cfg: dict) -> dict:
+    if not isinstance(cfg, dict) or set(cfg) != set(_TRAINING_KEYS):
+        got = sorted(cfg) if isinstance(cfg, dict) else type(cfg).__name__
+        raise ValueError(f"trained: a training config has exactly the keys "
+                         f"{', '.join(_TRAINING_KEYS)} (see training.config); got {got}")
+    if cfg["data"] != "digits" and not str(cfg["data"]).endswith(".npz"):
+        raise ValueError(f"trained: data must be 'digits' or the path of an .npz file, got "
+                         f"{cfg['data']!r}")
+    return json.loads(json.dumps(cfg))  # what a JSON round trip gives (tuples -> lists)
+
+
+def load_data(data: str, dtype: str):
+    """The data set of a training config's ``data`` entry (split with seed 0)."""
+    from miniresnet import data as datasets
+
+    if data == "digits":
+        return datasets.load_digits(dtype=dtype, seed=0)
+    try:
+        return datasets.load_npz(data, dtype=dtype, seed=0, test_fraction=0.2)
+    except ValueError as e:
+        if "already holds a test set" not in str(e):
+            raise
+        return datasets.load_npz(data, dtype=dtype, seed=0)
+
+
+def _build(cfg: dict, seed: int, ds):
+    shape = tuple(ds.x_train.shape)
+    if len(shape) != 4:
+        raise ValueError(f"trained: {cfg['model']['model']} needs images (N, C, H, W); the data "
+                         f"{ds.name!r} has inputs of shape {shape}")
+    model = nn.build_model({"in_channels": shape[1], "num_classes": ds.num_classes,
+                            **cfg["model"], "dtype": cfg["dtype"], "seed": int(seed)})
+    optimizer = SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
+                    weight_decay=cfg["weight_decay"])
+    return model, optimizer
+
+
+def _load(path: Path, cfg: dict, seed: int, ds):
+    """(model, optimizer, epoch, extra) from the checkpoint at ``path``, or None if it is
+    missing, unreadable or belongs to another run."""
+    if not path.exists():
+        return None
+    model, optimizer = _build(cfg, seed, ds)
+    try:
+        ckpt = load_checkpoint(path, model, optimizer)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
+    if extra.get("training") != cfg or extra.get("seed") != int(seed) \
+            or not isinstance(ckpt.epoch, int) or len(extra.get("history", ())) != ckpt.epoch:
+        return None
+    return model, optimizer, ckpt.epoch, extra
+
+
+def trained(cfg: dict, seed: int, *, progress: bool = False,
+            after_epoch: Callable[[int], None] | None = None) -> Trained:
+    """The net ``cfg`` (see :func:`config`) trained with ``seed`` (weights and shuffles).
+
+    With a store set (:func:`store_at`), a finished net is loaded, an interrupted one resumes
+    after its last checkpointed epoch, and a new one is trained and checkpointed after every
+    epoch. ``after_epoch(epoch)`` is called after each epoch's checkpoint is written (a test
+    hook: raising there stops training as a kill would). Raises
+    :class:`~miniresnet.train.DivergenceError` if training diverges (nothing final is stored).
+    """
+    cfg = _check(cfg)
+    seed = int(seed)
+    ds = load_data(cfg["data"], cfg["dtype"])
+    store = _STORE
+    if store is None:
+        return _train(cfg, seed, ds, None, progress, after_epoch)
+    store.mkdir(parents=True, exist_ok=True)
+    key = train_key(cfg, seed)
+    with _locked(store / f"{key}.lock"):
+        return _train(cfg, seed, ds, store / key, progress, after_epoch)
+
+
+def _train(cfg, seed, ds, stem: Path | None, progress, after_epoch) -> Trained:
+    final = partial = None
+    if stem is not None:
+        final = stem.with_name(stem.name + ".safetensors")
+        partial = stem.with_name(stem.name + ".partial.safetensors")
+        done = _load(final, cfg, seed, ds)
+        if done is not None and done[2] == cfg["epochs"]:
+            model, _, _, extra = done
+            model.eval()
+            return Trained(model, extra["history"], extra["seconds"], True)
+        resumed = _load(partial, cfg, seed, ds)
+    else:
+        resumed = None
+    if resumed is not None and resumed[2] < cfg["epochs"]:
+        model, optimizer, start, extra = resumed
+        records, seconds = list(extra["history"]), list(extra["seconds"])
+    else:
+        model, optimizer = _build(cfg, seed, ds)
+        start, records, seconds = 0, [], []
+    base = len(records)
+
+    def on_epoch_end(epoch, model, optimizer, history):
+        if partial is not None:
+            save_checkpoint(partial, model, optimizer, epoch=epoch + 1, extra={
+                "training": cfg, "seed": seed, "history": records + history.records,
+                "seconds": seconds + history.seconds})
+        if after_epoch is not None:
+            after_epoch(epoch)
+
+    history = fit(model, ds, epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
+                  momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+                  schedule=cfg["schedule"], seed=seed, optimizer=optimizer, start_epoch=start,
+                  progress=progress, on_epoch_end=on_epoch_end)
+    records = records + history.records
+    seconds = seconds + history.seconds
+    assert len(records) == cfg["epochs"] and len(records) == base + len(history.records)
+    if final is not None:
+        extra = {"training": cfg, "seed": seed, "history": records, "seconds": seconds}
+        save_checkpoint(final, model, optimizer, epoch=cfg["epochs"], extra=extra)
+        from miniresnet.experiments.runner import write_atomic
+
+        write_atomic(final.with_suffix(".json"), json.dumps(extra, indent=1))
+        with contextlib.suppress(OSError):
+            partial.unlink()
+    model.eval()
+    return Trained(model, records, seconds, False)

@@ -1,0 +1,151 @@
+"""Shared trained networks (experiments.training): trained once and then loaded (in-process and
+from a worker process), resumed after a kill exactly as an uninterrupted run, keyed by config
+and seed, and uncached without a store."""
+
+import json
+
+import numpy as np
+import pytest
+
+from miniresnet.config import to_numpy
+from miniresnet.experiments import runner, training
+
+pytestmark = pytest.mark.backends("numpy")
+
+
+@pytest.fixture(autouse=True)
+def one_blas_thread():
+    """As the runner runs trials: BLAS threads oversubscribe a shared machine badly here."""
+    with runner.blas_threads(1):
+        yield
+
+CFG = training.config(1, residual=True, width=0.25, epochs=3)
+
+
+@pytest.fixture
+def fits(monkeypatch):
+    """Counts fit calls and records their start epochs."""
+    calls = []
+    real = training.fit
+
+    def counting(*args, **kw):
+        calls.append(kw["start_epoch"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(training, "fit", counting)
+    return calls
+
+
+def _state(model):
+    return {k: to_numpy(v) for k, v in model.state_dict().items()}
+
+
+def _same(a, b):
+    assert a.history == b.history
+    sa, sb = _state(a.model), _state(b.model)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and np.array_equal(sa[k], sb[k]), k
+
+
+def test_trained_once_then_loaded(tmp_path, fits):
+    with training.store_at(tmp_path):
+        first = training.trained(CFG, 5)
+        second = training.trained(json.loads(json.dumps(CFG)), 5)
+    assert fits == [0]
+    assert not first.cached and second.cached
+    _same(first, second)
+    assert len(first.history) == CFG["epochs"]
+    assert second.model.config["n"] == 1 and not second.model.training
+    key = training.train_key(CFG, 5)
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+        f"{key}.json", f"{key}.safetensors"]  # the partial checkpoint is gone
+    assert json.loads((tmp_path / f"{key}.json").read_text())["history"] == first.history
+
+
+def test_another_seed_or_config_is_another_net(tmp_path, fits):
+    other = training.config(1, residual=False, width=0.25, epochs=3)
+    assert len({training.train_key(CFG, 5), training.train_key(CFG, 6),
+                training.train_key(other, 5)}) == 3
+    with training.store_at(tmp_path):
+        a, b = training.trained(CFG, 5), training.trained(CFG, 6)
+    assert fits == [0, 0]
+    assert a.history != b.history
+
+
+def test_without_a_store_nothing_is_cached(tmp_path, fits, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert training.current_store() is None
+    training.trained(CFG, 5)
+    training.trained(CFG, 5)
+    assert fits == [0, 0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path, fits):
+    with training.store_at(tmp_path / "a"):
+        whole = training.trained(CFG, 5)
+
+    def kill_after_epoch_1(epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt("killed")
+
+    with training.store_at(tmp_path / "b"):
+        with pytest.raises(KeyboardInterrupt):
+            training.trained(CFG, 5, after_epoch=kill_after_epoch_1)
+        key = training.train_key(CFG, 5)
+        assert (tmp_path / "b" / f"{key}.partial.safetensors").exists()
+        assert not (tmp_path / "b" / f"{key}.safetensors").exists()
+        resumed = training.trained(CFG, 5)
+    assert fits == [0, 0, 2]  # the resumed run trained only the last epoch
+    assert not resumed.cached
+    _same(whole, resumed)
+
+
+def test_a_corrupt_checkpoint_is_retrained(tmp_path, fits):
+    with training.store_at(tmp_path):
+        first = training.trained(CFG, 5)
+        path = tmp_path / f"{training.train_key(CFG, 5)}.safetensors"
+        path.write_bytes(path.read_bytes()[:-10])
+        again = training.trained(CFG, 5)
+    assert fits == [0, 0]
+    _same(first, again)
+
+
+def test_a_bad_config_is_refused():
+    with pytest.raises(ValueError, match="exactly the keys"):
+        training.trained({**CFG, "extra": 1}, 0)
+    with pytest.raises(ValueError, match="npz"):
+        training.trained({**CFG, "data": "cifar"}, 0)
+
+
+def test_the_runner_passes_the_store_to_worker_processes(tmp_path):
+    from miniresnet.experiments import degradation
+
+    configs = degradation.trials("quick", 0)[:1]
+    trials = [runner.Trial("degradation", c, 1, "quick") for c in configs]
+    store = tmp_path / ".trials" / runner.TRAINED
+    with training.store_at(store):  # trained here, in this process
+        training.trained(configs[0]["train"], configs[0]["train_seed"])
+    [final] = store.glob("*[0-9a-f].safetensors")
+    stamp = final.stat().st_mtime_ns
+    with runner.executor(workers=2) as ex:
+        outcome = runner.run_experiment("degradation", degradation, trials, tmp_path, ex,
+                                        progress=False)
+    assert outcome.computed == 1 and not outcome.failed
+    assert final.stat().st_mtime_ns == stamp  # the worker loaded the net, it did not retrain
+    assert sorted(p.name for p in store.glob("*.safetensors")) == [final.name]
+
+
+def test_an_npz_file_sets_the_input_channels_and_classes_and_its_bytes_the_key(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=rng.normal(size=(40, 3, 8, 8)), y=np.arange(40) % 4)
+    cfg = training.config(1, width=0.25, epochs=1, data=str(path))
+    with training.store_at(tmp_path / "store"):
+        net = training.trained(cfg, 0)
+        key = training.train_key(cfg, 0)
+        np.savez(path, x=rng.normal(size=(40, 3, 8, 8)), y=np.arange(40) % 4)
+        assert training.train_key(cfg, 0) != key  # new contents, new net
+    assert (net.model.config["in_channels"], net.model.config["num_classes"]) == (3, 4)
+    assert len(net.history) == 1
