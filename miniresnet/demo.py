@@ -64,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
                             "trial's config (default: %(default)s)")
     which.add_argument("--backend", choices=BACKEND_NAMES, default=current_backend().name,
                        help="array backend (default: %(default)s, from MINIRESNET_BACKEND)")
+    which.add_argument("--data", metavar="PATH", default=None,
+                       help="train on this .npz data set (keys x, y; see miniresnet.data."
+                            "load_npz) instead of the bundled digits, in the experiments that "
+                            "train (default: digits)")
     which.add_argument("--list", action="store_true",
                        help="list the experiments with their estimated times and exit")
     out = p.add_argument_group("output")
@@ -110,6 +114,14 @@ def _check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             import distributed  # noqa: F401
         except ImportError:
             parser.error(f"argument --dask: {runner.DISTRIBUTED_MISSING}")
+    if args.data is not None:
+        from miniresnet.data import load_npz
+
+        try:  # validated (and checked to load) before any work
+            load_npz(args.data)
+        except (OSError, ValueError, TypeError) as e:
+            parser.error(f"argument --data: {e}")
+        args.data = str(Path(args.data).absolute())
     out = Path(args.out)
     if out.exists():
         if not out.is_dir():
@@ -170,7 +182,8 @@ def provenance(args: argparse.Namespace, ex: runner.InProcess) -> dict:
 
     return {"miniresnet": __version__, "git_commit": _git_commit(),
             "python": platform.python_version(), "numpy": np.__version__, "blas": _blas(),
-            "backend": args.backend, "threads": args.threads, "executor": ex.kind,
+            "backend": args.backend, "data": args.data or "digits", "threads": args.threads,
+            "executor": ex.kind,
             "workers": ex.workers, "cpu_count": os.cpu_count()}
 
 
@@ -201,7 +214,7 @@ def run_one(name: str, module: ModuleType, args: argparse.Namespace, out: Path,
     record: dict = {"title": getattr(module, "TITLE", name), "setup": getattr(module, "SETUP", ""),
                     "seconds": 0.0, "figures": [], "claims": [], "data": {}, "failed": []}
     try:
-        trials = runner.make_trials(name, module, args.scale, args.seed)
+        trials = runner.make_trials(name, module, args.scale, args.seed, data=args.data)
     except Exception as e:
         return {**record, "error": _error(e, "trials"), "seconds": time.perf_counter() - start}
     outcome = runner.run_experiment(name, module, trials, out, ex, backend=args.backend,

@@ -234,3 +234,32 @@ def test_report_numbers_come_from_results(tmp_path):
         if c["paper"] is not None:
             assert report.number(c["paper"]) in line
     assert report.number(math.nan) == "nan" and report.number(None) == "—"
+
+
+@pytest.mark.backends("numpy")
+def test_data_option_is_checked_and_reaches_the_training_experiments(tmp_path, capsys):
+    """--data must be a loadable .npz (checked before any work); the experiments that train
+    get it (its digest enters their configs), the others ignore it."""
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--data", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2 and "--data" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    from miniresnet.data import load_digits
+
+    digits = load_digits(dtype="float64")
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=np.asarray(digits.x_train[:120]), y=np.asarray(digits.y_train[:120]))
+    import importlib
+
+    from miniresnet.experiments import runner
+
+    degradation = importlib.import_module("miniresnet.experiments.degradation")
+    with_data = runner.make_trials("degradation", degradation, "quick", 0, data=str(path))
+    assert all("data_sha256" in t.config for t in with_data)
+    assert all(t.config["train"]["data"] == str(path) for t in with_data)
+    plain = runner.make_trials("degradation", degradation, "quick", 0)
+    assert all("data_sha256" not in t.config for t in plain)
+    other = importlib.import_module("miniresnet.experiments.shortcut_scaling")
+    assert ([t.config for t in runner.make_trials("shortcut_scaling", other, "quick", 0,
+                                                  data=str(path))]
+            == [t.config for t in runner.make_trials("shortcut_scaling", other, "quick", 0)])

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import signal
@@ -130,10 +131,14 @@ def trial_key(trial: Trial, version: str) -> str:
                               "version": version}))
 
 
-def make_trials(name: str, module: ModuleType, scale: str, seed: int) -> list[Trial]:
-    """The trials of experiment ``name`` at ``scale``; configs checked JSON-ready and distinct."""
+def make_trials(name: str, module: ModuleType, scale: str, seed: int,
+                data: str | None = None) -> list[Trial]:
+    """The trials of experiment ``name`` at ``scale``; configs checked JSON-ready and distinct.
+    ``data`` (an .npz path) goes to the experiments that train, whose ``trials`` take it."""
+    takes_data = "data" in inspect.signature(module.trials).parameters
+    options = {"data": data} if data is not None and takes_data else {}
     trials, seen = [], set()
-    for config in module.trials(scale, seed):
+    for config in module.trials(scale, seed, **options):
         if not isinstance(config, dict):
             raise TypeError(f"{name}.trials: a config must be a dict, got {type(config).__name__}")
         try:
