@@ -30,8 +30,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-EXPERIMENTS = ("degradation", "vanishing_exploding", "shattered_gradients", "paths_at_init",
-               "shortcut_scaling", "jacobian_spectra", "init_schemes")
+EXPERIMENTS = ("degradation", "lesions", "paths_trained", "orderings", "highway_vs_residual",
+               "vanishing_exploding", "shattered_gradients", "paths_at_init", "shortcut_scaling",
+               "jacobian_spectra", "init_schemes")
 
 
 def load(name: str) -> ModuleType:
