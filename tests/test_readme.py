@@ -40,3 +40,12 @@ def test_readme_demo_numbers_are_the_committed_results(backend):
     for figure in re.findall(r"\]\((figures/[^)]+)\)", block.group(1)):
         assert (root / figure).is_file(), figure
     assert results["scale"] == "default"
+
+
+def test_figures_readme_lists_every_committed_figure(backend):
+    if backend.name != "numpy":
+        pytest.skip("reads files only")
+    folder = README.parent / "figures"
+    listed = (folder / "README.md").read_text()
+    for png in sorted(folder.glob("*.png")):
+        assert f"[`{png.name}`]({png.name})" in listed, png.name
