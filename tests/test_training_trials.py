@@ -58,8 +58,10 @@ def test_trained_once_then_loaded(tmp_path, fits):
     assert len(first.history) == CFG["epochs"]
     assert second.model.config["n"] == 1 and not second.model.training
     key = training.train_key(CFG, 5)
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == [
+    assert sorted(p.name for p in tmp_path.iterdir()
+                  if not p.name.endswith(".lock") and ".epoch" not in p.name) == [
         f"{key}.json", f"{key}.safetensors"]  # the partial checkpoint is gone
+    assert (tmp_path / f"{key}.epoch1.safetensors").exists()  # a snapshot kept on the way
     assert json.loads((tmp_path / f"{key}.json").read_text())["history"] == first.history
 
 
@@ -127,14 +129,15 @@ def test_the_runner_passes_the_store_to_worker_processes(tmp_path):
     store = tmp_path / ".trials" / runner.TRAINED
     with training.store_at(store):  # trained here, in this process
         training.trained(configs[0]["train"], configs[0]["train_seed"])
-    [final] = store.glob("*[0-9a-f].safetensors")
+    [final] = [p for p in store.glob("*[0-9a-f].safetensors") if ".epoch" not in p.name]
     stamp = final.stat().st_mtime_ns
     with runner.executor(workers=2) as ex:
         outcome = runner.run_experiment("degradation", degradation, trials, tmp_path, ex,
                                         progress=False)
     assert outcome.computed == 1 and not outcome.failed
     assert final.stat().st_mtime_ns == stamp  # the worker loaded the net, it did not retrain
-    assert sorted(p.name for p in store.glob("*.safetensors")) == [final.name]
+    assert sorted(p.name for p in store.glob("*.safetensors") if ".epoch" not in p.name) == [
+        final.name]
 
 
 def test_an_npz_file_sets_the_input_channels_and_classes_and_its_bytes_the_key(tmp_path):

@@ -8,6 +8,8 @@ the same nets (degradation, lesions, paths, ...), so the result is stored once a
                               training config, seed and history (authoritative)
     STORE/<key>.json          the same history as a small JSON record, for people and tools
     STORE/<key>.partial.safetensors   while training: the state after the last finished epoch
+    STORE/<key>.epoch<e>.safetensors  snapshots: the state after epoch ``e`` for ``e`` in
+                              :data:`SNAPSHOT_EPOCHS` (or asked of :func:`snapshot`)
 
 ``key`` is the SHA-256 of the canonical training config, the seed, the backend, the digest of
 an ``.npz`` data file's bytes and the code version (the package's, plus a digest of this
@@ -43,10 +45,11 @@ from miniresnet.checkpoint import load_checkpoint, save_checkpoint
 from miniresnet.optim import SGD
 from miniresnet.train import fit  # looked up here at call time: tests count the calls
 
-__all__ = ["Trained", "config", "current_store", "file_digest", "load_data", "net_seed",
-           "store_at", "train_key", "trained"]
+__all__ = ["SNAPSHOT_EPOCHS", "Trained", "config", "current_store", "file_digest", "load_data",
+           "net_seed", "snapshot", "store_at", "train_key", "trained"]
 
 _STORE: Path | None = None
+SNAPSHOT_EPOCHS = (1, 3)  # every stored net keeps its weights after these epochs (if < epochs)
 _TRAINING_KEYS = ("model", "data", "dtype", "epochs", "batch_size", "lr", "momentum",
                   "weight_decay", "schedule")
 
@@ -247,9 +250,12 @@ def _train(cfg, seed, ds, stem: Path | None, progress, after_epoch) -> Trained:
 
     def on_epoch_end(epoch, model, optimizer, history):
         if partial is not None:
-            save_checkpoint(partial, model, optimizer, epoch=epoch + 1, extra={
-                "training": cfg, "seed": seed, "history": records + history.records,
-                "seconds": seconds + history.seconds})
+            extra = {"training": cfg, "seed": seed, "history": records + history.records,
+                     "seconds": seconds + history.seconds}
+            save_checkpoint(partial, model, optimizer, epoch=epoch + 1, extra=extra)
+            if epoch + 1 in SNAPSHOT_EPOCHS and epoch + 1 < cfg["epochs"]:
+                save_checkpoint(_snapshot_path(stem, epoch + 1), model, optimizer,
+                                epoch=epoch + 1, extra=extra)
         if after_epoch is not None:
             after_epoch(epoch)
 
@@ -270,3 +276,65 @@ def _train(cfg, seed, ds, stem: Path | None, progress, after_epoch) -> Trained:
             partial.unlink()
     model.eval()
     return Trained(model, records, seconds, False)
+
+
+# ---------------------------------------------------------------------------- snapshots
+
+class _Stop(Exception):
+    """Raised after the last epoch a snapshot run needs."""
+
+
+def _snapshot_path(stem: Path, epoch: int) -> Path:
+    return stem.with_name(f"{stem.name}.epoch{int(epoch)}.safetensors")
+
+
+def snapshot(cfg: dict, seed: int, epoch: int):
+    """The net ``cfg`` trained with ``seed`` as it was after ``epoch`` epochs of its training
+    (0: at initialisation; ``cfg["epochs"]``: :func:`trained`'s net), in evaluation mode.
+
+    With a store, snapshots at :data:`SNAPSHOT_EPOCHS` are kept when the net is trained (so
+    asking for one trains the shared net if it is not stored yet); a missing one (a net stored
+    without it, or another epoch) is made by training from scratch up to ``epoch`` with the
+    full run's schedule (bit-identical to the full run, as resuming is) and stored. Without a
+    store it is trained each time."""
+    cfg = _check(cfg)
+    seed, epoch = int(seed), int(epoch)
+    if not 0 <= epoch <= cfg["epochs"]:
+        raise ValueError(f"snapshot: epoch must be in 0..{cfg['epochs']}, got {epoch}")
+    if epoch == cfg["epochs"]:
+        return trained(cfg, seed).model
+    ds = load_data(cfg["data"], cfg["dtype"])
+    if epoch == 0:
+        model, _ = _build(cfg, seed, ds)
+        return model.eval()
+    store = _STORE
+    if store is None:
+        return _train_to(cfg, seed, ds, epoch, None)
+    stem = store / train_key(cfg, seed)
+    if epoch in SNAPSHOT_EPOCHS:
+        trained(cfg, seed)  # the shared net; training it now stores its snapshots
+    with _locked(store / f"{stem.name}.lock"):
+        done = _load(_snapshot_path(stem, epoch), cfg, seed, ds)
+        if done is not None and done[2] == epoch:
+            return done[0].eval()
+        return _train_to(cfg, seed, ds, epoch, stem)
+
+
+def _train_to(cfg, seed, ds, epoch, stem: Path | None):
+    """Train a fresh net for ``epoch`` epochs of ``cfg``'s schedule, storing snapshots."""
+    model, optimizer = _build(cfg, seed, ds)
+
+    def on_epoch_end(e, model, optimizer, history):
+        if stem is not None and (e + 1 in SNAPSHOT_EPOCHS or e + 1 == epoch):
+            save_checkpoint(_snapshot_path(stem, e + 1), model, optimizer, epoch=e + 1, extra={
+                "training": cfg, "seed": seed, "history": history.records,
+                "seconds": history.seconds})
+        if e + 1 == epoch:
+            raise _Stop
+
+    with contextlib.suppress(_Stop):
+        fit(model, ds, epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
+            momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+            schedule=cfg["schedule"], seed=seed, optimizer=optimizer, progress=False,
+            on_epoch_end=on_epoch_end)
+    return model.eval()
