@@ -94,6 +94,20 @@ def _check_placement(monkeypatch) -> None:
     monkeypatch.setattr(tracing, "_evaluate", checked)
 
 
+@pytest.fixture(autouse=True)
+def one_blas_thread_for_trials(request):
+    """Experiment and training-trial tests run as the runner runs trials, with one BLAS thread:
+    oversubscribed BLAS threads slow a shared 2-core machine down several times."""
+    name = request.module.__name__.rpartition(".")[2]
+    if not (name.startswith("test_exp_") or name == "test_training_trials"):
+        yield
+        return
+    from miniresnet.experiments.runner import blas_threads
+
+    with blas_threads(1):
+        yield
+
+
 @pytest.fixture(params=BACKEND_NAMES, autouse=True)
 def backend(request, monkeypatch):
     """Run every test under each backend; a backend that cannot run here is skipped, saying why."""

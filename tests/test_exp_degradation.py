@@ -5,28 +5,14 @@ import json
 
 import numpy as np
 import pytest
+from experiment_checks import judged
 
-from miniresnet.experiments import claims, runner, training
 from miniresnet.experiments import degradation as exp
+from miniresnet.experiments import training
 
 pytestmark = pytest.mark.backends("numpy")
 
 
-@pytest.fixture(autouse=True)
-def one_blas_thread():
-    """As the runner runs trials: BLAS threads oversubscribe a shared machine badly here."""
-    with runner.blas_threads(1):
-        yield
-
-
-def _judged(out, scale):
-    by_id = {}
-    for c in out["claims"]:
-        claims.claim(c["id"], **{k: c[k] for k in ("source", "claim", "measured", "rule",
-                                                    "paper", "paper_status", "n", "spread",
-                                                    "holds_at")})
-        by_id[c["id"]] = claims.judge(c, scale)
-    return by_id
 
 
 def test_trials_are_json_ready_and_distinct(tmp_path):
@@ -49,7 +35,7 @@ def test_quick_contract_claims_and_plot_from_json(tmp_path):
     configs = exp.trials("quick", 0)
     results = json.loads(json.dumps([(c, exp.run_trial(c, 0)) for c in configs]))
     out = exp.summarise(results, "quick")
-    by_id = _judged(out, "quick")
+    by_id = judged(out, "quick")
     assert set(by_id) == {"degradation_plain_deeper_worse",
                           "degradation_resnet_deeper_not_worse"}
     assert all(c["agrees"] is None for c in by_id.values())  # they hold at default, not quick
@@ -65,7 +51,7 @@ def test_plain_rule_holds_and_residual_closes_the_gap_at_small_scale():
                 "train": training.config(n, residual=kind == "resnet", width=0.25, epochs=3)}
                for n in (1, 4) for kind in exp.KINDS]
     out = exp.summarise([(c, exp.run_trial(c, 0)) for c in configs], "default")
-    by_id = _judged(out, "default")
+    by_id = judged(out, "default")
     plain = by_id["degradation_plain_deeper_worse"]
     assert plain["agrees"], plain["measured"]
     assert by_id["degradation_resnet_deeper_not_worse"]["measured"] < plain["measured"]

@@ -6,28 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from experiment_checks import judged
 
 from miniresnet import nn
 from miniresnet.config import to_numpy
-from miniresnet.experiments import claims, degradation, runner, training
+from miniresnet.experiments import claims, degradation, training
 from miniresnet.experiments import highway_vs_residual as exp
 from miniresnet.tracing import no_grad
-
-
-@pytest.fixture(autouse=True)
-def one_blas_thread():
-    with runner.blas_threads(1):
-        yield
-
-
-def _judged(out, scale):
-    by_id = {}
-    for c in out["claims"]:
-        claims.claim(c["id"], **{k: c[k] for k in ("source", "claim", "measured", "rule",
-                                                    "paper", "paper_status", "n", "spread",
-                                                    "holds_at")})
-        by_id[c["id"]] = claims.judge(c, scale)
-    return by_id
 
 
 def test_gate_openings_equal_a_direct_computation(backend):
@@ -77,7 +62,7 @@ def test_quick_contract_claims_and_plot_from_json(tmp_path):
     configs = exp.trials("quick", 0)
     results = json.loads(json.dumps([(c, exp.run_trial(c, 0)) for c in configs]))
     out = exp.summarise(results, "quick")
-    by_id = _judged(out, "quick")
+    by_id = judged(out, "quick")
     assert set(by_id) == {"highway_gates_mostly_carry", "highway_accuracy_vs_residual"}
     assert all(c["agrees"] is None for c in by_id.values())  # pinned to default
     final = {c["kind"]: d["test_acc"][-1] for c, d in results}

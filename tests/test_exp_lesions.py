@@ -6,16 +6,11 @@ import json
 
 import pytest
 
-from miniresnet.experiments import claims, degradation, runner, training
+from miniresnet.experiments import claims, degradation, training
 from miniresnet.experiments import lesions as exp
 
 pytestmark = pytest.mark.backends("numpy")
 
-
-@pytest.fixture(autouse=True)
-def one_blas_thread():
-    with runner.blas_threads(1):
-        yield
 
 
 @pytest.fixture

@@ -6,19 +6,15 @@ import json
 
 import numpy as np
 import pytest
+from experiment_checks import judged
 
 from miniresnet.config import to_numpy
-from miniresnet.experiments import claims, degradation, runner, training
+from miniresnet.experiments import degradation, training
 from miniresnet.experiments import norm_preservation as exp
 
 pytestmark = pytest.mark.backends("numpy")
 CFG = training.config(1, residual=True, width=0.25, epochs=4)
 
-
-@pytest.fixture(autouse=True)
-def one_blas_thread():
-    with runner.blas_threads(1):
-        yield
 
 
 def _state(model):
@@ -74,15 +70,6 @@ def test_missing_snapshot_is_trained_and_stored(tmp_path):
     _equal(a, b)
 
 
-def _judged(out, scale):
-    by_id = {}
-    for c in out["claims"]:
-        claims.claim(c["id"], **{k: c[k] for k in ("source", "claim", "measured", "rule",
-                                                    "paper", "paper_status", "n", "spread",
-                                                    "holds_at")})
-        by_id[c["id"]] = claims.judge(c, scale)
-    return by_id
-
 
 def test_trials_are_json_ready_distinct_and_share_degradations_nets():
     for scale in ("quick", "default", "full"):
@@ -104,11 +91,11 @@ def test_quick_contract_ratios_claims_and_plot_from_json(tmp_path):
         assert np.all(np.isfinite(r)) and np.all(r > 0)
         np.testing.assert_allclose(r, g[:-1] / g[1:], rtol=1e-12)
     out = json.loads(json.dumps(exp.summarise(results, "quick")))
-    judged = _judged(out, "quick")
-    assert set(judged) == {"norm_preservation_resnet", "norm_preservation_plain_minus_resnet",
-                           "norm_preservation_plain_minus_resnet_init"}
-    assert judged["norm_preservation_resnet"]["agrees"] is None  # pinned to default
-    assert judged["norm_preservation_plain_minus_resnet"]["agrees"] is None
+    verdicts = judged(out, "quick")
+    assert set(verdicts) == {"norm_preservation_resnet", "norm_preservation_plain_minus_resnet",
+                             "norm_preservation_plain_minus_resnet_init"}
+    assert verdicts["norm_preservation_resnet"]["agrees"] is None  # pinned to default
+    assert verdicts["norm_preservation_plain_minus_resnet"]["agrees"] is None
     names = exp.plot(out["data"], tmp_path)
     assert names and all((tmp_path / n).stat().st_size > 0 for n in names)
 
@@ -121,7 +108,7 @@ def test_claims_rule_directions():
     ok = exp.summarise(_fake({("plain", 0): [1.0] * 6, ("plain", 4): [3.0, 0.3] * 3,
                               ("resnet", 0): [1.0] * 6, ("resnet", 4): [1.1, 0.95] * 3}),
                        "default")
-    j = _judged(ok, "default")
+    j = judged(ok, "default")
     assert j["norm_preservation_resnet"]["agrees"]
     assert j["norm_preservation_plain_minus_resnet"]["agrees"]
     assert not j["norm_preservation_plain_minus_resnet_init"]["agrees"]  # equal at epoch 0
@@ -129,7 +116,7 @@ def test_claims_rule_directions():
         np.mean(np.abs(np.log([1.1, 0.95]))))
     bad = exp.summarise(_fake({("plain", 0): [1.0] * 6, ("resnet", 0): [0.5] * 6,
                                ("plain", 4): [1.0] * 6, ("resnet", 4): [2.0] * 6}), "default")
-    j = _judged(bad, "default")
+    j = judged(bad, "default")
     assert not j["norm_preservation_plain_minus_resnet_init"]["agrees"]
     assert not j["norm_preservation_resnet"]["agrees"]
     assert not j["norm_preservation_plain_minus_resnet"]["agrees"]

@@ -6,28 +6,15 @@ import json
 
 import numpy as np
 import pytest
+from experiment_checks import judged
 
 from miniresnet import nn
-from miniresnet.experiments import claims, degradation, runner, training
+from miniresnet.experiments import degradation, training
 from miniresnet.experiments import orderings as exp
 
 pytestmark = pytest.mark.backends("numpy")
 
 
-@pytest.fixture(autouse=True)
-def one_blas_thread():
-    with runner.blas_threads(1):
-        yield
-
-
-def _judged(out, scale):
-    by_id = {}
-    for c in out["claims"]:
-        claims.claim(c["id"], **{k: c[k] for k in ("source", "claim", "measured", "rule",
-                                                    "paper", "paper_status", "n", "spread",
-                                                    "holds_at")})
-        by_id[c["id"]] = claims.judge(c, scale)
-    return by_id
 
 
 def test_trials_are_json_ready_distinct_and_share_the_post_net(tmp_path):
@@ -53,7 +40,7 @@ def test_quick_contract_claims_and_plot_from_json(tmp_path):
     configs = exp.trials("quick", 0)
     results = json.loads(json.dumps([(c, exp.run_trial(c, 0)) for c in configs]))
     out = exp.summarise(results, "quick")
-    by_id = _judged(out, "quick")
+    by_id = judged(out, "quick")
     assert set(by_id) == {"orderings_all_train", "orderings_full_preact_vs_post"}
     assert all(c["agrees"] is None for c in by_id.values())  # pinned to default
     final = {c["order"]: d["test_acc"][-1] for c, d in results}
@@ -75,7 +62,7 @@ def test_every_ordering_learns_at_small_scale():
                for o in nn.ORDERS]
     results = [(c, exp.run_trial(c, 0)) for c in configs]
     out = exp.summarise(results, "default")
-    assert _judged(out, "default")["orderings_all_train"]["measured"] > 0.5
+    assert judged(out, "default")["orderings_all_train"]["measured"] > 0.5
     for _, d in results:
         assert d["train_loss"][-1] < d["train_loss"][0]
         g = np.asarray(d["grad_norm"])

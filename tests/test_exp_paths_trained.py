@@ -8,16 +8,11 @@ import numpy as np
 import pytest
 
 from miniresnet.config import to_numpy
-from miniresnet.experiments import claims, degradation, runner, training
+from miniresnet.experiments import claims, degradation, training
 from miniresnet.experiments import paths_trained as exp
 
 pytestmark = pytest.mark.backends("numpy")
 
-
-@pytest.fixture(autouse=True)
-def one_blas_thread():
-    with runner.blas_threads(1):
-        yield
 
 
 @pytest.fixture

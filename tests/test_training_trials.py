@@ -13,12 +13,6 @@ from miniresnet.experiments import runner, training
 pytestmark = pytest.mark.backends("numpy")
 
 
-@pytest.fixture(autouse=True)
-def one_blas_thread():
-    """As the runner runs trials: BLAS threads oversubscribe a shared machine badly here."""
-    with runner.blas_threads(1):
-        yield
-
 CFG = training.config(1, residual=True, width=0.25, epochs=3)
 
 
