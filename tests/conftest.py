@@ -108,6 +108,23 @@ def one_blas_thread_for_trials(request):
         yield
 
 
+@pytest.fixture
+def fits(monkeypatch):
+    """The start epoch of every training run of the shared trained-network store, in order (a
+    test of the store counts them to see what was trained and what was loaded)."""
+    from miniresnet.experiments import training
+
+    calls = []
+    real = training.fit
+
+    def counting(*args, **kw):
+        calls.append(kw["start_epoch"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(training, "fit", counting)
+    return calls
+
+
 @pytest.fixture(params=BACKEND_NAMES, autouse=True)
 def backend(request, monkeypatch):
     """Run every test under each backend; a backend that cannot run here is skipped, saying why."""

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
+from experiment_checks import assert_well_formed
 
 from miniresnet import nn
-from miniresnet.experiments import claims as C
 from miniresnet.experiments import jacobian_spectra as E
 
 #: a small sweep: width 32 (default 64), 24 blocks, two nets per block type
@@ -38,12 +38,7 @@ def test_every_claim_rule_holds_at_small_scale(small):
 
 @pytest.mark.backends("numpy")
 def test_claims_are_checked_and_json_ready(small):
-    _, summary = small
-    for c in summary["claims"]:
-        fields = {k: v for k, v in c.items() if k not in ("id", "agrees")}
-        assert C.claim(c["id"], **fields) == {**c, "agrees": None}
-        assert json.loads(json.dumps(c)) == c
-    assert summary["data"] == json.loads(json.dumps(summary["data"]))
+    assert_well_formed(small[1])
 
 
 @pytest.mark.backends("numpy")

@@ -12,15 +12,6 @@ from miniresnet.experiments import lesions as exp
 pytestmark = pytest.mark.backends("numpy")
 
 
-
-@pytest.fixture
-def fits(monkeypatch):
-    calls = []
-    real = training.fit
-    monkeypatch.setattr(training, "fit", lambda *a, **k: calls.append(1) or real(*a, **k))
-    return calls
-
-
 def test_trials_are_json_ready_distinct_and_degradations_deepest_nets():
     for scale in ("quick", "default", "full"):
         configs = exp.trials(scale, 0)

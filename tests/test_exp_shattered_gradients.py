@@ -5,8 +5,8 @@ import json
 
 import numpy as np
 import pytest
+from experiment_checks import assert_well_formed
 
-from miniresnet.experiments import claims as C
 from miniresnet.experiments import shattered_gradients as E
 
 #: a small sweep: every claim's trial at width 64 or 100 (the paper's is 200), a few nets each
@@ -42,12 +42,7 @@ def test_every_claim_rule_holds_at_small_scale(small):
 
 @pytest.mark.backends("numpy")
 def test_claims_are_checked_and_json_ready(small):
-    _, summary = small
-    for c in summary["claims"]:
-        fields = {k: v for k, v in c.items() if k not in ("id", "agrees")}
-        assert C.claim(c["id"], **fields) == {**c, "agrees": None}
-        assert json.loads(json.dumps(c)) == c
-    assert summary["data"] == json.loads(json.dumps(summary["data"]))
+    assert_well_formed(small[1])
 
 
 @pytest.mark.backends("numpy")

@@ -16,20 +16,6 @@ pytestmark = pytest.mark.backends("numpy")
 CFG = training.config(1, residual=True, width=0.25, epochs=3)
 
 
-@pytest.fixture
-def fits(monkeypatch):
-    """Counts fit calls and records their start epochs."""
-    calls = []
-    real = training.fit
-
-    def counting(*args, **kw):
-        calls.append(kw["start_epoch"])
-        return real(*args, **kw)
-
-    monkeypatch.setattr(training, "fit", counting)
-    return calls
-
-
 def _state(model):
     return {k: to_numpy(v) for k, v in model.state_dict().items()}
 

@@ -56,6 +56,14 @@ def trials(scale: str, seed: int, data: str = "digits") -> list[dict]:
             for r in range(s["seeds"]) for n in s["depths"] for kind in KINDS]
 
 
+def deepest_nets(scale: str, seed: int, data: str = "digits") -> list[dict]:
+    """The trial configs of the deepest nets at ``scale`` (one per replicate and kind), for the
+    experiments that inspect these trained nets: the same configs, so the same stored nets."""
+    configs = trials(scale, seed, data)
+    n = max(c["n"] for c in configs)
+    return [c for c in configs if c["n"] == n]
+
+
 def run_trial(config: dict, seed: int) -> dict:
     """The net's per-epoch curves (trained, or loaded from the store). ``seed`` is unused: the
     net's seed is ``config["train_seed"]``, so other experiments get the same net."""

@@ -48,13 +48,9 @@ def trials(scale: str, seed: int, data: str = "digits") -> list[dict]:
     if scale not in _SCALES:
         raise ValueError(f"lesions: unknown scale {scale!r}; valid: {', '.join(_SCALES)}")
     s = _SCALES[scale]
-    net = degradation._SCALES[s["net_scale"]]
-    n = max(net["depths"])
-    digest = {} if data == "digits" else {"data_sha256": training.file_digest(data)}
-    return [{"kind": kind, "n": n, "replicate": r, "train_seed": training.net_seed(seed, r),
-             "train": degradation.net_config(s["net_scale"], n, kind == "resnet", data),
-             "draws": s["draws"], "ks": list(s["ks"]), **digest}
-            for r in range(net["seeds"]) for kind in KINDS]
+    nets = degradation.deepest_nets(s["net_scale"], seed, data)
+    return [{**c, "draws": s["draws"], "ks": list(s["ks"])}
+            for c in sorted(nets, key=lambda c: (c["replicate"], KINDS.index(c["kind"])))]
 
 
 def downsampling(model) -> list[bool]:

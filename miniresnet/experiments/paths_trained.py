@@ -45,13 +45,11 @@ def trials(scale: str, seed: int, data: str = "digits") -> list[dict]:
     if scale not in _SCALES:
         raise ValueError(f"paths_trained: unknown scale {scale!r}; valid: {', '.join(_SCALES)}")
     s = _SCALES[scale]
-    net = degradation._SCALES[s["net_scale"]]
-    n = max(net["depths"])
-    digest = {} if data == "digits" else {"data_sha256": training.file_digest(data)}
-    return [{"state": state, "n": n, "replicate": r, "train_seed": training.net_seed(seed, r),
-             "train": degradation.net_config(s["net_scale"], n, True, data),
-             "batch": s["batch"], "samples": s["samples"], **digest}
-            for r in range(net["seeds"]) for state in STATES]
+    nets = [c for c in degradation.deepest_nets(s["net_scale"], seed, data)
+            if c["kind"] == "resnet"]
+    return [{**{k: v for k, v in c.items() if k != "kind"}, "state": state,
+             "batch": s["batch"], "samples": s["samples"]}
+            for c in nets for state in STATES]
 
 
 def _model(config: dict, ds):
