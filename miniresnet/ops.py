@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from miniresnet import primitives as P
+from miniresnet.backends import backend_of
 from miniresnet.tracing import (
     Tensor,
     as_tensor,
@@ -38,8 +39,17 @@ def _operand(x):
     return as_tensor(x)
 
 
+def _backends_differ(tensors) -> bool:
+    """Whether the tensors' arrays belong to different backends (their types can differ within
+    one: NumPy's 0-d results are NumPy scalars, e.g. a scalar parameter after an SGD step)."""
+    try:
+        return len({id(backend_of(t.raw)) for t in tensors}) > 1
+    except TypeError:  # an array of no known backend
+        return True
+
+
 def _check_dtypes(name: str, tensors) -> None:
-    if len({type(t.raw) for t in tensors}) > 1:
+    if len({type(t.raw) for t in tensors}) > 1 and _backends_differ(tensors):
         raise_mixed_backends(P.PRIMITIVES.get(name) or name, tensors)
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) > 1:

@@ -193,10 +193,15 @@ def clip_grad_norm_(params: Iterable[Tensor], max_norm: float) -> float:
     squares = sum(xp.sum(p.grad.raw * p.grad.raw) for p in params)  # one host transfer
     total = math.sqrt(as_tensor(squares).item())
     if total > max_norm:
-        scale = max_norm / (total + 1e-12)
-        for p in params:
-            p.grad = p.grad.raw * scale
+        scale_grads_(params, max_norm / (total + 1e-12))
     return total
+
+
+def scale_grads_(params: Iterable[Tensor], scale: float) -> None:
+    """Multiply every gradient of ``params`` by ``scale`` (those without one are skipped)."""
+    for p in params:
+        if p.grad is not None:
+            p.grad = p.grad.raw * scale
 
 
 def clip_grad_value_(params: Iterable[Tensor], clip_value: float) -> None:

@@ -21,10 +21,10 @@ from miniresnet.optim import (
     SGD,
     check_int,
     check_real,
-    clip_grad_norm_,
     clip_grad_value_,
     constant_schedule,
     cosine_schedule,
+    scale_grads_,
     step_schedule,
 )
 from miniresnet.tracing import as_tensor, make, no_grad
@@ -40,27 +40,41 @@ class DivergenceError(FloatingPointError):
         Where it happened (``step`` counts the minibatches of that epoch from 0).
     loss : float
         The loss of the failing minibatch.
+    history : History
+        The run's history up to the failure: the finished epochs, and the per-step loss and
+        gradient norm of every step of this run including the failing one.
     """
 
-    def __init__(self, message: str, epoch: int, step: int, loss: float):
+    def __init__(self, message: str, epoch: int, step: int, loss: float,
+                 history: History | None = None):
         super().__init__(message)
         self.epoch, self.step, self.loss = epoch, step, loss
+        self.history = History() if history is None else history
 
 
-def _checked_loss(loss, params) -> float:
-    """The loss as a float, or NaN unless the loss and every gradient are finite, with one host
-    transfer: ``g · 0`` is 0 for finite ``g`` and NaN otherwise, and summing zeros cannot
-    overflow (a plain sum of the gradients could), so the probe equals the loss exactly when
-    everything is finite."""
-    probe = loss.raw
-    with np.errstate(invalid="ignore"):  # inf · 0 is the point, not a slip worth a warning
+def _checked_loss(loss, params) -> tuple[float, float]:
+    """The loss as a float, or NaN unless the loss and every gradient are finite, and the
+    gradients' global L2 norm, with one host transfer. The finiteness probe adds ``g · 0`` to
+    the loss: it is 0 for finite ``g`` and NaN otherwise, and summing zeros cannot overflow (a
+    sum of squares can), so the probe equals the loss exactly when everything is finite. The
+    squares are summed in float64, where no finite float32 gradient's square overflows."""
+    xp = loss.backend.xp
+    wide = xp.float64
+    probe, squares = loss.raw, xp.zeros((), dtype=wide, device=loss.backend.device)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf · 0 is the point of the probe
         for p in params:
             if p.grad is not None:
-                probe = probe + p.backend.xp.sum(p.grad.raw * 0)
-    return as_tensor(probe).item()
+                g = p.grad.raw
+                probe = probe + xp.sum(g * 0)
+                g = xp.astype(g, wide, copy=False)
+                squares = squares + xp.sum(g * g)
+    both = xp.stack([xp.astype(probe, wide, copy=False), squares])
+    value, total = (float(v) for v in loss.backend.to_numpy(both))
+    return value, math.sqrt(total) if total == total else math.nan
 
 
-def _divergence(model, optimizer, loss, epoch: int, step: int) -> DivergenceError:
+def _divergence(model, optimizer, loss, epoch: int, step: int,
+                history: History) -> DivergenceError:
     value = loss.item()
     if math.isfinite(value):
         names = {id(p): name for name, p in model.named_parameters()}
@@ -74,16 +88,20 @@ def _divergence(model, optimizer, loss, epoch: int, step: int) -> DivergenceErro
     return DivergenceError(
         f"fit: {what} at epoch {epoch}, step {step}; the model and optimizer keep their state "
         "after the previous step. Lower the learning rate, clip gradients (clip_norm=...) or "
-        "check the data for NaN/inf", epoch, step, value)
+        "check the data for NaN/inf", epoch, step, value, history)
 
 
 @dataclass
 class History:
     """Per-epoch metrics (a list of dicts with ``epoch``, ``lr``, ``train_loss``,
-    ``train_acc``, ``test_loss``, ``test_acc``) and, separately, wall-clock ``seconds``."""
+    ``train_acc``, ``test_loss``, ``test_acc``), the wall-clock ``seconds`` per epoch and, per
+    step, the minibatch loss ``step_loss`` and the global L2 norm of its gradients before any
+    clipping ``step_grad_norm`` (inf where its square overflows the dtype)."""
 
     records: list[dict] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    step_loss: list[float] = field(default_factory=list)
+    step_grad_norm: list[float] = field(default_factory=list)
 
     def column(self, name: str) -> list:
         """One metric over the epochs, e.g. ``history.column("test_acc")``."""
@@ -243,11 +261,14 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
                     logits = model(xb)
                     loss = F.cross_entropy(logits, yb)
                     loss.backward()
-                    batch_loss = _checked_loss(loss, optimizer.params)
+                    batch_loss, grad_norm = _checked_loss(loss, optimizer.params)
+                    history.step_loss.append(batch_loss if math.isfinite(batch_loss)
+                                             else loss.item())
+                    history.step_grad_norm.append(grad_norm)
                     if not math.isfinite(batch_loss):
-                        raise _divergence(model, optimizer, loss, epoch, s)
-                    if clip_norm is not None:
-                        clip_grad_norm_(optimizer.params, clip_norm)
+                        raise _divergence(model, optimizer, loss, epoch, s, history)
+                    if clip_norm is not None and grad_norm > clip_norm:
+                        scale_grads_(optimizer.params, clip_norm / (grad_norm + 1e-12))
                     if clip_value is not None:
                         clip_grad_value_(optimizer.params, clip_value)
                     optimizer.step()

@@ -157,6 +157,25 @@ def test_skipinit_fixup_and_zero_init_make_blocks_identity(backend):
         nn.resnet_cifar(1, order="full_preact", zero_init_residual=True)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_scalar_parameters_train(backend, dtype):
+    """A 0-d parameter (SkipInit's α) stays usable after SGD steps; NumPy turns 0-d results
+    into NumPy scalars, which must not count as another backend."""
+    from miniresnet.optim import SGD
+
+    model = nn.resnet_cifar(1, width=0.25, in_channels=1, norm=False, skipinit=0.0,
+                            dtype=dtype, seed=0)
+    x = backend.xp.astype(data(backend, (4, 1, 8, 8)), backend.dtype(dtype))
+    y = backend.asarray(np.array([0, 1, 2, 3]))
+    opt = SGD(model.parameters(), lr=0.1)
+    for _ in range(2):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    alpha = model.blocks[0].alpha
+    assert alpha.shape == () and alpha.dtype == backend.dtype(dtype) and host(alpha) != 0
+
+
 def test_highway_block_formula(backend):
     x = data(backend, (2, 4, 5, 5))
     hw = nn.HighwayBlock(4, 4, gate_bias=-3.0, rng=2)

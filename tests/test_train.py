@@ -8,7 +8,9 @@ import pytest
 
 import miniresnet as mr
 from miniresnet import data, nn
+from miniresnet import functional as F
 from miniresnet.checkpoint import load_checkpoint, save_checkpoint
+from miniresnet.nn.module import functional_call
 from miniresnet.optim import SGD
 from miniresnet.train import DivergenceError, evaluate, fit, main
 
@@ -224,3 +226,64 @@ def test_every_scheduled_learning_rate_is_checked_before_training(digits, schedu
 def test_fit_rejects_bad_arguments(digits, kwargs, error, match):
     with pytest.raises(error, match=match):
         fit(small(), subset(digits), **{"epochs": 2, "progress": False, **kwargs})
+
+
+def _global_grad_norm(model, xb, yb):
+    """The global L2 norm of the mean cross-entropy's parameter gradients, by mr.grad."""
+    names = [n for n, _ in model.named_parameters()]
+    arrays = [p.raw for p in model.parameters()]
+
+    def loss(*ps):
+        return F.cross_entropy(functional_call(model, dict(zip(names, ps)), xb), yb)
+
+    gs = mr.grad(loss, argnums=tuple(range(len(arrays))))(*arrays)
+    return math.sqrt(sum(float(np.sum(mr.to_numpy(g) ** 2)) for g in gs))
+
+
+@pytest.mark.parametrize("clip_norm", [None, 0.05])
+def test_every_step_records_its_loss_and_unclipped_gradient_norm(digits, clip_norm):
+    """Per step, History keeps the minibatch loss and the gradient norm before clipping; with
+    clip_norm the step taken is the gradient scaled to that norm."""
+    digits = subset(digits, n_train=96, n_test=16)
+    model = nn.mlp(2, 16, in_features=64, out_features=10, norm=False, seed=1)
+    flat = _flat(digits)
+    lr = 0.2
+    opt = SGD(model.parameters(), lr=lr)
+    before = {k: mr.to_numpy(v) for k, v in model.state_dict().items()}
+    order = [mr.to_numpy(idx) for idx in
+             data.batches(96, 32, np.random.default_rng([0, 0]), backend=digits.backend)]
+    xp = digits.backend.xp
+    idx0 = digits.backend.asarray(order[0])
+    xb, yb = xp.take(flat.x_train, idx0, axis=0), xp.take(flat.y_train, idx0, axis=0)
+    expected = _global_grad_norm(model, xb, yb)
+    model.train()
+    h = fit(model, flat, epochs=2, batch_size=32, lr=lr, optimizer=opt, schedule="constant",
+            clip_norm=clip_norm, progress=False)
+    assert len(h.step_loss) == len(h.step_grad_norm) == 2 * len(order)
+    assert h.step_grad_norm[0] == pytest.approx(expected, rel=1e-10)
+    assert np.mean(h.step_loss[:3]) == pytest.approx(h.records[0]["train_loss"], rel=1e-12)
+    if clip_norm is not None:
+        assert expected > clip_norm  # the clip bites
+        # the first update moved the weights by exactly lr * clip_norm in global norm
+        one_step = nn.mlp(2, 16, in_features=64, out_features=10, norm=False, seed=1)
+        sub = dataclasses.replace(digits, x_train=digits.x_train[:32, ...],
+                                  y_train=digits.y_train[:32])
+        fit(one_step, _flat(sub), epochs=1, batch_size=32, lr=lr, momentum=0.0,
+            weight_decay=0.0, schedule="constant", clip_norm=clip_norm, progress=False)
+        after = {k: mr.to_numpy(v) for k, v in one_step.state_dict().items()}
+        moved = math.sqrt(sum(float(np.sum((after[k] - before[k]) ** 2)) for k in before))
+        assert moved == pytest.approx(lr * clip_norm, rel=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # overflow on the way
+def test_divergence_error_carries_the_history_up_to_the_failing_step(digits):
+    digits = _one_step_epochs(digits)
+    with pytest.raises(DivergenceError) as info:
+        fit(small(), digits, epochs=50, batch_size=64, lr=1e100, schedule="constant",
+            progress=False)
+    e = info.value
+    h = e.history
+    assert len(h.records) == e.epoch  # the finished epochs
+    assert len(h.step_loss) == len(h.step_grad_norm) == e.epoch + 1  # one step per epoch
+    assert all(math.isfinite(v) for v in h.step_grad_norm[:-1])
+    assert not (math.isfinite(h.step_loss[-1]) and math.isfinite(h.step_grad_norm[-1]))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from miniresnet.config import to_numpy
+from miniresnet import train
 from miniresnet.experiments import runner, training
 
 pytestmark = pytest.mark.backends("numpy")
@@ -21,7 +22,7 @@ def _state(model):
 
 
 def _same(a, b):
-    assert a.history == b.history
+    assert a.history == b.history and a.steps == b.steps
     sa, sb = _state(a.model), _state(b.model)
     assert sa.keys() == sb.keys()
     for k in sa:
@@ -132,3 +133,67 @@ def test_an_npz_file_sets_the_input_channels_and_classes_and_its_bytes_the_key(t
         assert training.train_key(cfg, 0) != key  # new contents, new net
     assert (net.model.config["in_channels"], net.model.config["num_classes"]) == (3, 4)
     assert len(net.history) == 1
+
+
+def test_steps_are_stored_and_a_divergence_reports_the_whole_run(tmp_path, monkeypatch):
+    with training.store_at(tmp_path):
+        net = training.trained(CFG, 5)
+        steps_per_epoch = -(-1437 // CFG["batch_size"])  # the digits' training split
+        assert len(net.steps["loss"]) == len(net.steps["grad_norm"]) == 3 * steps_per_epoch
+        assert all(np.isfinite(net.steps["grad_norm"])) and min(net.steps["grad_norm"]) > 0
+        cfg = training.config(1, residual=True, width=0.25, epochs=3, clip_norm=1.0)
+        assert training.train_key(cfg, 5) != training.train_key(CFG, 5)
+
+        def kill(epoch):
+            raise KeyboardInterrupt("killed")
+
+        with pytest.raises(KeyboardInterrupt):
+            training.trained(cfg, 5, after_epoch=kill)  # epoch 0 done and checkpointed
+
+        def diverge(*args, **kwargs):
+            raise train.DivergenceError("diverged", 1, 2, float("nan"), train.History(
+                step_loss=[0.5, 0.6, float("nan")], step_grad_norm=[1.0, 2.0, float("inf")]))
+
+        monkeypatch.setattr(training, "fit", diverge)
+        with pytest.raises(train.DivergenceError) as info:
+            training.trained(cfg, 5)
+    h = info.value.history
+    assert len(h.records) == 1  # the stored epoch, then the failing one's steps
+    assert len(h.step_loss) == steps_per_epoch + 3 and h.step_grad_norm[-1] == float("inf")
+    assert all(np.isfinite(h.step_grad_norm[:steps_per_epoch]))
+
+
+def test_a_training_experiment_on_a_dask_cluster_equals_in_process(tmp_path):
+    """The training trials run on dask workers, which train and store the nets in the run's
+    store; the numbers equal an in-process run's."""
+    pytest.importorskip("distributed")
+    from miniresnet.experiments import degradation
+
+    configs = [c for c in degradation.trials("quick", 0) if c["n"] == 1]
+    trials = [runner.Trial("degradation", c, 1, "quick") for c in configs]
+    with runner.executor(workers=1) as ex:
+        reference = runner.run_experiment("degradation", degradation, trials,
+                                          tmp_path / "inproc", ex, progress=False)
+    with runner.executor(workers=1, dask="local") as ex:
+        assert ex.kind == "dask"
+        on_dask = runner.run_experiment("degradation", degradation, trials, tmp_path / "dask",
+                                        ex, progress=False)
+    assert on_dask.computed == len(configs) and not on_dask.failed
+    assert on_dask.results == reference.results
+    stored = [p for p in (tmp_path / "dask" / ".trials" / runner.TRAINED).glob("*.safetensors")
+              if ".epoch" not in p.name]
+    assert len(stored) == len(configs)  # each net trained on the cluster and stored once
+
+
+def test_same_seed_same_claims_and_data_from_scratch(tmp_path):
+    """Two fresh quick runs of the training experiments (nothing cached, nets trained twice)
+    give identical claims and data."""
+    from miniresnet import demo
+
+    names = ["degradation", "no_batch_norm", "gradient_snr", "norm_preservation"]
+    runs = [demo.main(["--quick", "--only", *names, "--no-progress", "--out",
+                       str(tmp_path / d)]) for d in "ab"]
+    for name in names:
+        a, b = (r["experiments"][name] for r in runs)
+        assert "error" not in a and not a["failed"]
+        assert a["claims"] == b["claims"] and a["data"] == b["data"], name

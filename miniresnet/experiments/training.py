@@ -43,7 +43,11 @@ from typing import Any
 from miniresnet import nn
 from miniresnet.checkpoint import load_checkpoint, save_checkpoint
 from miniresnet.optim import SGD
-from miniresnet.train import fit  # looked up here at call time: tests count the calls
+from miniresnet.train import (
+    DivergenceError,
+    History,
+    fit,  # looked up here at call time: tests count the calls
+)
 
 __all__ = ["SNAPSHOT_EPOCHS", "Trained", "config", "current_store", "file_digest", "load_data",
            "net_seed", "snapshot", "store_at", "train_key", "trained"]
@@ -51,33 +55,38 @@ __all__ = ["SNAPSHOT_EPOCHS", "Trained", "config", "current_store", "file_digest
 _STORE: Path | None = None
 SNAPSHOT_EPOCHS = (1, 3)  # every stored net keeps its weights after these epochs (if < epochs)
 _TRAINING_KEYS = ("model", "data", "dtype", "epochs", "batch_size", "lr", "momentum",
-                  "weight_decay", "schedule")
+                  "weight_decay", "schedule", "clip_norm")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Trained:
     """A trained network: ``model`` (in evaluation mode), ``history`` (fit's per-epoch records:
     epoch, lr, train_loss, train_acc, test_loss, test_acc), ``seconds`` (wall time per epoch,
-    of whichever run trained it) and ``cached`` (loaded from the store, not trained now)."""
+    of whichever run trained it), ``steps`` (per step: ``{"loss": [...], "grad_norm": [...]}``,
+    the minibatch loss and the gradient norm before clipping) and ``cached`` (loaded from the
+    store, not trained now)."""
 
     model: Any
     history: list[dict]
     seconds: list[float]
+    steps: dict
     cached: bool
 
 
 def config(n: int, *, residual: bool = True, width: float = 0.5, epochs: int = 12,
            lr: float = 0.1, batch_size: int = 128, momentum: float = 0.9,
            weight_decay: float = 5e-4, schedule: str = "cosine", data: str = "digits",
-           dtype: str = "float32", **model: Any) -> dict:
+           dtype: str = "float32", clip_norm: float | None = None, **model: Any) -> dict:
     """The training config of a CIFAR-style ResNet (``residual=False``: its plain counterpart)
-    with ``n`` blocks per stage; ``model`` adds :func:`miniresnet.nn.resnet_cifar` arguments.
+    with ``n`` blocks per stage; ``model`` adds :func:`miniresnet.nn.resnet_cifar` arguments;
+    ``clip_norm`` clips the gradients by global norm before each step.
     ``data`` is "digits" (the bundled digits, split with seed 0) or the path of an ``.npz``
     file (:func:`miniresnet.data.load_npz`; its own test set, else 20 % held out, seed 0)."""
     return {"model": {"model": "resnet_cifar", "n": n, "residual": residual, "width": width,
                       **model},
             "data": data, "dtype": dtype, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-            "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule}
+            "momentum": momentum, "weight_decay": weight_decay, "schedule": schedule,
+            "clip_norm": clip_norm}
 
 
 def net_seed(seed: int, replicate: int = 0) -> int:
@@ -200,7 +209,8 @@ def _load(path: Path, cfg: dict, seed: int, ds):
         return None
     extra = ckpt.extra if isinstance(ckpt.extra, dict) else {}
     if extra.get("training") != cfg or extra.get("seed") != int(seed) \
-            or not isinstance(ckpt.epoch, int) or len(extra.get("history", ())) != ckpt.epoch:
+            or not isinstance(ckpt.epoch, int) or len(extra.get("history", ())) != ckpt.epoch \
+            or not isinstance(extra.get("steps"), dict):
         return None
     return model, optimizer, ckpt.epoch, extra
 
@@ -213,7 +223,8 @@ def trained(cfg: dict, seed: int, *, progress: bool = False,
     after its last checkpointed epoch, and a new one is trained and checkpointed after every
     epoch. ``after_epoch(epoch)`` is called after each epoch's checkpoint is written (a test
     hook: raising there stops training as a kill would). Raises
-    :class:`~miniresnet.train.DivergenceError` if training diverges (nothing final is stored).
+    :class:`~miniresnet.train.DivergenceError` if training diverges (nothing final is stored;
+    its ``history`` covers the whole run, resumed epochs included).
     """
     cfg = _check(cfg)
     seed = int(seed)
@@ -236,22 +247,21 @@ def _train(cfg, seed, ds, stem: Path | None, progress, after_epoch) -> Trained:
         if done is not None and done[2] == cfg["epochs"]:
             model, _, _, extra = done
             model.eval()
-            return Trained(model, extra["history"], extra["seconds"], True)
+            return Trained(model, extra["history"], extra["seconds"], extra["steps"], True)
         resumed = _load(partial, cfg, seed, ds)
     else:
         resumed = None
     if resumed is not None and resumed[2] < cfg["epochs"]:
         model, optimizer, start, extra = resumed
-        records, seconds = list(extra["history"]), list(extra["seconds"])
+        before = History(list(extra["history"]), list(extra["seconds"]),
+                         list(extra["steps"]["loss"]), list(extra["steps"]["grad_norm"]))
     else:
         model, optimizer = _build(cfg, seed, ds)
-        start, records, seconds = 0, [], []
-    base = len(records)
+        start, before = 0, History()
 
     def on_epoch_end(epoch, model, optimizer, history):
         if partial is not None:
-            extra = {"training": cfg, "seed": seed, "history": records + history.records,
-                     "seconds": seconds + history.seconds}
+            extra = _extra(cfg, seed, _joined(before, history))
             save_checkpoint(partial, model, optimizer, epoch=epoch + 1, extra=extra)
             if epoch + 1 in SNAPSHOT_EPOCHS and epoch + 1 < cfg["epochs"]:
                 save_checkpoint(_snapshot_path(stem, epoch + 1), model, optimizer,
@@ -259,15 +269,15 @@ def _train(cfg, seed, ds, stem: Path | None, progress, after_epoch) -> Trained:
         if after_epoch is not None:
             after_epoch(epoch)
 
-    history = fit(model, ds, epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-                  momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
-                  schedule=cfg["schedule"], seed=seed, optimizer=optimizer, start_epoch=start,
-                  progress=progress, on_epoch_end=on_epoch_end)
-    records = records + history.records
-    seconds = seconds + history.seconds
-    assert len(records) == cfg["epochs"] and len(records) == base + len(history.records)
+    try:
+        history = _fit(model, optimizer, ds, cfg, seed, start, progress, on_epoch_end)
+    except DivergenceError as e:
+        e.history = _joined(before, e.history)
+        raise
+    history = _joined(before, history)
+    assert len(history.records) == cfg["epochs"]
+    extra = _extra(cfg, seed, history)
     if final is not None:
-        extra = {"training": cfg, "seed": seed, "history": records, "seconds": seconds}
         save_checkpoint(final, model, optimizer, epoch=cfg["epochs"], extra=extra)
         from miniresnet.experiments.runner import write_atomic
 
@@ -275,7 +285,28 @@ def _train(cfg, seed, ds, stem: Path | None, progress, after_epoch) -> Trained:
         with contextlib.suppress(OSError):
             partial.unlink()
     model.eval()
-    return Trained(model, records, seconds, False)
+    return Trained(model, extra["history"], extra["seconds"], extra["steps"], False)
+
+
+def _fit(model, optimizer, ds, cfg, seed, start, progress, on_epoch_end) -> History:
+    return fit(model, ds, epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
+               momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
+               schedule=cfg["schedule"], clip_norm=cfg["clip_norm"], seed=seed,
+               optimizer=optimizer, start_epoch=start, progress=progress,
+               on_epoch_end=on_epoch_end)
+
+
+def _joined(first: History, then: History) -> History:
+    """The history of a run resumed after ``first`` that went on with ``then``."""
+    return History(first.records + then.records, first.seconds + then.seconds,
+                   first.step_loss + then.step_loss, first.step_grad_norm + then.step_grad_norm)
+
+
+def _extra(cfg: dict, seed: int, history: History) -> dict:
+    """What a checkpoint of the store keeps beside the weights (JSON-ready)."""
+    return {"training": cfg, "seed": seed, "history": history.records,
+            "seconds": history.seconds,
+            "steps": {"loss": history.step_loss, "grad_norm": history.step_grad_norm}}
 
 
 # ---------------------------------------------------------------------------- snapshots
@@ -326,15 +357,11 @@ def _train_to(cfg, seed, ds, epoch, stem: Path | None):
 
     def on_epoch_end(e, model, optimizer, history):
         if stem is not None and (e + 1 in SNAPSHOT_EPOCHS or e + 1 == epoch):
-            save_checkpoint(_snapshot_path(stem, e + 1), model, optimizer, epoch=e + 1, extra={
-                "training": cfg, "seed": seed, "history": history.records,
-                "seconds": history.seconds})
+            save_checkpoint(_snapshot_path(stem, e + 1), model, optimizer, epoch=e + 1,
+                            extra=_extra(cfg, seed, history))
         if e + 1 == epoch:
             raise _Stop
 
     with contextlib.suppress(_Stop):
-        fit(model, ds, epochs=cfg["epochs"], batch_size=cfg["batch_size"], lr=cfg["lr"],
-            momentum=cfg["momentum"], weight_decay=cfg["weight_decay"],
-            schedule=cfg["schedule"], seed=seed, optimizer=optimizer, progress=False,
-            on_epoch_end=on_epoch_end)
+        _fit(model, optimizer, ds, cfg, seed, 0, False, on_epoch_end)
     return model.eval()
