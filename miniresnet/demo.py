@@ -209,7 +209,8 @@ def _error(e: BaseException, stage: str) -> dict:
 
 def run_one(name: str, module: ModuleType, args: argparse.Namespace, out: Path,
             ex: runner.InProcess, after_trial=None) -> dict:
-    """Measure, summarise, judge and plot experiment ``name``: its results.json record."""
+    """Measure, summarise, judge, plot and answer experiment ``name``: its results.json
+    record."""
     start = time.perf_counter()
     record: dict = {"title": getattr(module, "TITLE", name), "setup": getattr(module, "SETUP", ""),
                     "seconds": 0.0, "figures": [], "claims": [], "data": {}, "failed": []}
@@ -231,8 +232,24 @@ def run_one(name: str, module: ModuleType, args: argparse.Namespace, out: Path,
             record["figures"] = _plot(module, record["data"], out)
         except Exception as e:
             record["error"] = _error(e, "plot")
+        _answer(module, record)
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
+
+
+def _answer(module: ModuleType, record: dict) -> None:
+    """Set ``record["answer"]``, the module's one-sentence answer formatted from the record's
+    data and judged claims; a failure is recorded like the other stages' (the claims and
+    figures stay), unless an earlier stage's error is already there."""
+    if not hasattr(module, "answer"):
+        record.pop("answer", None)
+        return
+    try:
+        record["answer"] = str(module.answer(json.loads(json.dumps(record["data"])),
+                                             json.loads(json.dumps(record["claims"]))))
+    except Exception as e:
+        record.pop("answer", None)
+        record.setdefault("error", _error(e, "answer"))
 
 
 def write_outputs(results: dict, out: Path) -> None:
@@ -266,9 +283,15 @@ def _replot(args: argparse.Namespace, out: Path) -> dict:
         raise SystemExit(f"{PROG}: {out / 'results.json'} has version "
                          f"{results.get('version')!r}; this demo reads version {VERSION}")
     for name, record in results["experiments"].items():
-        if args.only and name not in args.only or "error" in record:
+        if args.only and name not in args.only:
             continue
-        record["figures"] = _plot(experiments.load(name), record["data"], out)
+        if record.get("error", {}).get("message", "").startswith("answer:"):
+            del record["error"]  # only the answer failed, its data are whole: retried here
+        if "error" in record:
+            continue
+        module = experiments.load(name)
+        record["figures"] = _plot(module, record["data"], out)
+        _answer(module, record)  # formatting of the data, like the figures: redone
     write_outputs(results, out)
     return results
 

@@ -31,10 +31,20 @@ def test_trials_are_json_ready_distinct_and_use_degradations_deepest_nets():
         configs = exp.trials(scale, 0)
         assert configs == json.loads(json.dumps(configs))
         assert len({json.dumps(c, sort_keys=True) for c in configs}) == len(configs)
-        nets = {json.dumps([c["kind"], c["train"], c["train_seed"]], sort_keys=True)
-                for c in degradation.deepest_nets(scale, 0)}
-        assert {json.dumps([c["kind"], c["train"], c["train_seed"]], sort_keys=True)
-                for c in configs} == nets
+        shared = {json.dumps([c["kind"], c["train"], c["train_seed"]], sort_keys=True)
+                  for c in degradation.deepest_nets(scale, 0) if c["replicate"] == 0}
+        used = {r: {json.dumps([c["kind"], c["train"], c["train_seed"]], sort_keys=True)
+                    for c in configs if c["replicate"] == r} for r in range(3)}
+        assert used[0] == shared  # degradation's own nets
+        replicates = exp._SCALES[scale]["replicates"]
+        for r in range(1, replicates):
+            assert {c["train_seed"] for c in configs if c["replicate"] == r} == {
+                training.net_seed(0, r)}
+            assert {json.dumps([c["kind"], c["train"]], sort_keys=True) for c in configs
+                    if c["replicate"] == r} == {json.dumps([c["kind"], c["train"]],
+                                                           sort_keys=True)
+                                                for c in configs if c["replicate"] == 0}
+        assert len(configs) == replicates * 2 * len(expected[scale])
         for c in configs:
             assert (c["kind"] == "resnet") == c["train"]["model"]["residual"]
         assert sorted({c["epoch"] for c in configs}) == expected[scale]
@@ -97,10 +107,10 @@ def test_run_trial_is_deterministic_and_matches_a_recomputation(store):
     assert a["blocks"][0] == pytest.approx(expected, rel=1e-9)
 
 
-def _fake(first_stage, rest=1.0):
+def _fake(first_stage, rest=1.0, replicate=0):
     """Results of one replicate, n = 2: ``first_stage[(kind, epoch)]`` is the SNR of blocks
     1 and 2; the other blocks have SNR ``rest``."""
-    return [({"kind": k, "n": 2, "replicate": 0, "epoch": e, "batch_size": 4},
+    return [({"kind": k, "n": 2, "replicate": replicate, "epoch": e, "batch_size": 4},
              {"blocks": [s, s, rest, rest, rest, rest], "stem": 1.0, "head": 1.0,
               "total": 1.0, "batches": 3})
             for (k, e), s in first_stage.items()]
@@ -125,6 +135,23 @@ def test_claims_rule_directions():
     assert j["gradient_snr_plain_below_resnet_training"]["measured"] == pytest.approx(0.5)
 
 
+def test_claims_need_the_gap_beyond_one_standard_error():
+    """Two replicates whose gaps are -1 and +0.5 (log10): the mean is below 0, but not by one
+    standard error, so no claim agrees."""
+    snr = {"plain": 0.01, "resnet": 0.1}
+    a = _fake({(k, e): v for k, v in snr.items() for e in (0, 1, 5)})
+    b = _fake({(k, e): (0.1 if k == "plain" else 10 ** -1.5) for k in snr for e in (0, 1, 5)},
+              replicate=1)
+    j = judged(exp.summarise(a + b, "default"), "default")
+    m = j["gradient_snr_plain_below_resnet_init"]
+    assert m["n"] == 2 and m["measured"] == pytest.approx(-0.25 + 1.5 / np.sqrt(2) / np.sqrt(2))
+    assert not any(j[i]["agrees"] for i in IDS)
+
+
+ORDERED = ["gradient_snr_plain_below_resnet_init", "gradient_snr_plain_below_resnet_training",
+           "gradient_snr_plain_below_resnet_trained"]
+
+
 def test_answer_follows_the_numbers():
     def data(plain, resnet):
         return {"layers": 44, "epochs": [0, 1, 3, 12], "stage_log10_snr": {
@@ -135,5 +162,11 @@ def test_answer_follows_the_numbers():
     assert text.startswith("Yes:") and "0.01 vs 0.1 at initialisation" in text
     assert text.endswith("after 12 epochs.") and "\n" not in text
     assert exp.answer(data([-1, -1, -1, -1], [-2, -2, -2, -2]), []).startswith("No:")
+    judged_claims = [{"id": i, "agrees": a, "measured": 0.5, "paper": None, "source": "B",
+                      "rule": {"op": "lt", "value": 0.0}}
+                     for i, a in zip(ORDERED, (True, False, False))]
+    text = exp.answer(data([-2, -2, -2, -2], [-1, -1, -1, -1]), judged_claims)
+    assert text.startswith("Only in part:") and text.endswith("do not reproduce B.")
+    assert f"`{ORDERED[1]}`" in text and f"`{ORDERED[0]}`" not in text
     mixed = exp.answer(data([-2, -1, -1, -1], [-1, -2, -2, -2]), [])
     assert mixed.startswith("Only in part:") and "0.1 vs 0.01 during training" in mixed

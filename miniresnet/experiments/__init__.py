@@ -19,6 +19,15 @@ Every experiment module defines
 ``plot(data, out_dir) -> list[str]``
     draws the figures (matplotlib, Agg) from ``data`` alone into ``out_dir`` and returns their
     file names; it never measures anything.
+``answer(data, claims) -> str``
+    the answer to ``TITLE`` in one sentence (one line, ending in a period, at most about 45
+    words, no tables), formatted from ``data`` as results.json stores it and the judged claims
+    alone: it names the setup briefly and states 1-3 key numbers; every direction word (yes or
+    no, larger or smaller, grows or shrinks) is computed from the numbers, so the sentence
+    cannot contradict them at any scale or seed, and a claim judged not to agree is named in
+    it (:mod:`miniresnet.experiments.answers` helps). It never raises on data from any scale,
+    with failed trials missing. The demo stores it as the record's ``answer``; REPORT.md and
+    the README print it under the question.
 ``SETUP``
     a short paragraph (static prose, no measured numbers) saying which setup each claim is
     pinned to; REPORT.md prints it above the claims, whose sentences are generated from the

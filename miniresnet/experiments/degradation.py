@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from miniresnet.experiments import training
+from miniresnet.experiments.answers import caveat, finite, num, sentence
 from miniresnet.experiments.claims import claim, mean_and_spread
 from miniresnet.experiments.plots import figure, save
 
@@ -123,6 +124,31 @@ def summarise(results: list, scale: str) -> dict:
             "final_test_acc": {k: {str(n): curves[k][str(n)]["test_acc"][-1]
                                    for n in depths if str(n) in curves[k]} for k in KINDS}}
     return {"claims": claims, "data": data}
+
+
+def answer(data: dict, claims: list[dict]) -> str:
+    """Yes or no per kind: whether the deepest net ends more than ``RESNET_MARGIN`` nats of
+    training loss above the shallowest (within that margin the two count as equal)."""
+    names = {"plain": ("plain", "plain nets"), "resnet": ("ResNet", "residual ones")}
+    verdicts, numbers = [], []
+    for kind in KINDS:
+        net, nets = names[kind]
+        losses = {int(n): v for n, v in data.get("final_train_loss", {}).get(kind, {}).items()
+                  if finite(v)}
+        if len(losses) < 2:
+            verdicts.append(f"unmeasured for {nets}")
+            continue
+        lo, hi = min(losses), max(losses)
+        worse = losses[hi] - losses[lo] > RESNET_MARGIN
+        verdicts.append(f"{'yes' if worse else 'no'} for {nets}")
+        verb, unit = ("at", "") if numbers else ("ends at", " nats of training loss")
+        numbers.append(f"{net}-{6 * hi + 2} {verb} {num(losses[hi])}{unit} against "
+                       f"{net}-{6 * lo + 2}'s {num(losses[lo])}")
+    if not numbers:
+        return sentence("Not measured: each kind lacks its deepest or its shallowest net"
+                        + caveat(claims))
+    budget = f" ({data['epochs']} epochs, same budget)" if "epochs" in data else ""
+    return sentence(", ".join(verdicts) + budget + ": " + ", ".join(numbers) + caveat(claims))
 
 
 def plot(data: dict, out_dir) -> list[str]:

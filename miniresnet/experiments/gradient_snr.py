@@ -9,33 +9,37 @@ import numpy as np
 from miniresnet import inspect
 from miniresnet.config import current_backend
 from miniresnet.data import batches as minibatches
-from miniresnet.experiments import degradation, training
+from miniresnet.experiments import answers, degradation, training
 from miniresnet.experiments.claims import claim, mean_and_spread
 from miniresnet.experiments.plots import figure, save
 
 NAME = "gradient_snr"
 TITLE = ("Is the minibatch gradient of a plain net's early blocks mostly noise, unlike a "
          "ResNet's, at initialisation and through training?")
-ESTIMATE = {"quick": 1.0, "default": 8.0, "full": 80.0}  # measuring only: the nets are shared
+ESTIMATE = {"quick": 1.0, "default": 80.0, "full": 80.0}  # default trains 2 more net pairs
 SOURCE = "Balduzzi et al. 2017"
 SETUP = (
     "The deepest plain and residual nets of the degradation experiment (shared trained "
     "networks, float32 training; n = 7, ResNet-44 and its plain counterpart, 12 epochs at the "
-    "default scale) at initialisation, after 1 and 3 epochs and at the end (weight snapshots of "
-    "the same training run). A float64 copy of each in training mode (each minibatch normalised "
-    "with its own statistics, as SGD sees it; nothing is updated) gets the gradient of the mean "
-    "cross-entropy on B fixed, disjoint minibatches of the training set (the same for every net "
-    "and epoch); per block the signal-to-noise ratio ‖ḡ‖² / mean_b ‖g_b − ḡ‖² of its parameters' "
-    "gradient is reported (inspect.gradient_snr). The claims compare the mean log10 SNR of the "
-    "first stage's blocks (those before the first downsampling block), plain minus ResNet: at "
-    "initialisation (pinned to every scale), averaged over the snapshots taken during training "
-    "and for the trained nets (both pinned to the default scale)."
+    "default scale), trained three times with different seeds at the default and full scales "
+    "(the first pair is degradation's own), at initialisation, after 1 and 3 epochs and at the "
+    "end (weight snapshots of the same training run). A float64 copy of each in training mode "
+    "(each minibatch normalised with its own statistics, as SGD sees it; nothing is updated) "
+    "gets the gradient of the mean cross-entropy on B fixed, disjoint minibatches of the "
+    "training set (the same for both nets of a replicate at every epoch); per block the "
+    "signal-to-noise ratio ‖ḡ‖² / mean_b ‖g_b − ḡ‖² of its parameters' gradient is reported "
+    "(inspect.gradient_snr). The claims compare the mean log10 SNR of the first stage's blocks "
+    "(those before the first downsampling block), plain minus ResNet, averaged over the "
+    "replicates: at initialisation (pinned to every scale), averaged over the snapshots taken "
+    "during training, and for the trained nets (both pinned to the default scale)."
 )
 
 #: minibatches (B) and their size; the nets and snapshot epochs are degradation's at that scale
-_SCALES = {"quick": {"batches": 8, "batch_size": 32},
-           "default": {"batches": 16, "batch_size": 64},
-           "full": {"batches": 16, "batch_size": 64}}
+#: replicates: independently trained pairs of nets (the first is degradation's own; one trained
+#: float32 net is a single draw of a chaotic trajectory, so the claims average over several)
+_SCALES = {"quick": {"batches": 8, "batch_size": 32, "replicates": 1},
+           "default": {"batches": 16, "batch_size": 64, "replicates": 3},
+           "full": {"batches": 16, "batch_size": 64, "replicates": 3}}
 KINDS = ("plain", "resnet")
 
 
@@ -48,12 +52,16 @@ def epochs(scale: str) -> tuple[int, ...]:
 
 def trials(scale: str, seed: int, data: str = "digits") -> list[dict]:
     """One trial per (replicate, plain or residual, snapshot epoch) of degradation's deepest
-    nets at ``scale`` (their training configs and seeds, so the nets are shared)."""
+    nets at ``scale``: their training configs, with the seed of each replicate (replicate 0's
+    nets are degradation's own, shared)."""
     if scale not in _SCALES:
         raise ValueError(f"gradient_snr: unknown scale {scale!r}; valid: {', '.join(_SCALES)}")
     s = _SCALES[scale]
+    first = [c for c in degradation.deepest_nets(scale, seed, data) if c["replicate"] == 0]
+    nets = [{**c, "replicate": r, "train_seed": training.net_seed(seed, r)}
+            for r in range(s["replicates"]) for c in first]
     return [{**c, "epoch": e, "batches": s["batches"], "batch_size": s["batch_size"]}
-            for c in degradation.deepest_nets(scale, seed, data) for e in epochs(scale)]
+            for c in nets for e in epochs(scale)]
 
 
 def fixed_batches(ds, count: int, size: int, seed: int) -> list[tuple]:
@@ -128,15 +136,22 @@ def summarise(results: list, scale: str) -> dict:
 
     middle = eps[1:-1]  # the snapshots taken during training (1 and 3 at the default scale)
     init, during, end = gap([first]), gap(middle), gap([last])
+
+    def upper(g) -> float:
+        """Mean plus one standard error over replicates: below 0 only if noisier beyond noise."""
+        return g[0] + g[1] / np.sqrt(g[2]) if g[2] else float("nan")
+
     layers = 6 * n + 2
-    stage1 = f"mean over blocks 1..{n} of log10 SNR, plain minus ResNet"
+    stage1 = (f"mean over blocks 1..{n} of log10 SNR, plain minus ResNet, averaged over the "
+              f"replicates plus one standard error")
     claims = [
         claim("gradient_snr_plain_below_resnet_init", source=SOURCE, paper_status="derived",
               claim=f"at initialisation the minibatch gradient of the plain {layers}-layer "
                     f"net's first-stage blocks is noisier than the ResNet-{layers}'s: {stage1} "
                     f"(< 0; Balduzzi et al.: a deep plain net's gradients shatter into noise, "
                     f"skip connections keep them coherent)",
-              measured=init[0], n=init[2], spread=init[1], rule={"op": "lt", "value": 0.0},
+              measured=upper(init), n=init[2], spread=init[1],
+              rule={"op": "lt", "value": 0.0},
               holds_at="quick"),
         claim("gradient_snr_plain_below_resnet_training", source=SOURCE,
               paper_status="derived",
@@ -144,13 +159,13 @@ def summarise(results: list, scale: str) -> dict:
                     f"{', '.join(map(str, middle))}) the plain {layers}-layer net's first-stage "
                     f"gradient is noisier than the ResNet-{layers}'s: {stage1} (< 0; "
                     f"Balduzzi et al.'s picture carried into training)",
-              measured=during[0], n=during[2], spread=during[1],
+              measured=upper(during), n=during[2], spread=during[1],
               rule={"op": "lt", "value": 0.0}, holds_at="default"),
         claim("gradient_snr_plain_below_resnet_trained", source=SOURCE, paper_status="derived",
               claim=f"after training ({last} epochs) the plain {layers}-layer net's first-stage "
                     f"gradient is still noisier than the ResNet-{layers}'s: {stage1} (< 0; "
                     f"Balduzzi et al.'s picture carried to the trained nets)",
-              measured=end[0], n=end[2], spread=end[1], rule={"op": "lt", "value": 0.0},
+              measured=upper(end), n=end[2], spread=end[1], rule={"op": "lt", "value": 0.0},
               holds_at="default"),
     ]
     data = {"n": n, "layers": layers, "epochs": eps, "snr": snr, "groups": groups,
@@ -217,7 +232,8 @@ def plot(data: dict, out_dir) -> list[str]:
 
 def answer(data: dict, claims: list[dict]) -> str:
     """The measured answer in one sentence: the first stage's gradient SNR, plain vs ResNet, at
-    initialisation, during training and at the end."""
+    initialisation, during training and at the end; yes or no from the judged claims (the gap
+    must exceed one standard error over replicates), or from the means where none is judged."""
     stages, eps = data["stage_log10_snr"], data["epochs"]
 
     def snr(kind: str, epochs) -> float:
@@ -227,10 +243,12 @@ def answer(data: dict, claims: list[dict]) -> str:
     moments = [("at initialisation", [eps[0]]), ("during training", eps[1:-1]),
                (f"after {eps[-1]} epochs", [eps[-1]])]
     pairs = [(when, snr("plain", e), snr("resnet", e)) for when, e in moments if e]
-    noisier = [p < r for _, p, r in pairs]
+    judged = [c["agrees"] for c in claims if c.get("agrees") is not None]
+    noisier = judged or [p < r for _, p, r in pairs]
     verdict = "Yes" if all(noisier) else "No" if not any(noisier) else "Only in part"
     parts = [f"{p:.3g} vs {r:.3g} {when}" for when, p, r in pairs]
     listed = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
-    return (f"{verdict}: the gradient signal-to-noise ratio of the first-stage blocks (below "
-            f"1: noise dominates), plain-{data['layers']} vs ResNet-{data['layers']}, is "
-            f"{listed}.")
+    return answers.sentence(
+        f"{verdict}: the gradient signal-to-noise ratio of the first-stage blocks (below 1: "
+        f"noise dominates), plain-{data['layers']} vs ResNet-{data['layers']}, is {listed}"
+        + answers.caveat(claims))

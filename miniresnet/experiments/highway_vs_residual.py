@@ -9,6 +9,7 @@ import numpy as np
 from miniresnet import nn
 from miniresnet.config import to_numpy
 from miniresnet.experiments import training
+from miniresnet.experiments.answers import caveat, finite, mean, num, sentence, signed
 from miniresnet.experiments.claims import claim, mean_and_spread
 from miniresnet.experiments.plots import figure, save
 from miniresnet.nn.blocks import HighwayBlock
@@ -153,6 +154,30 @@ def summarise(results: list, scale: str) -> dict:
             "final_test_acc": {k: [f[k] for f in finals.values() if k in f] for k in kinds},
             "curves": curves, "replicates": len(high)}
     return {"claims": claims, "data": data}
+
+
+def answer(data: dict, claims: list[dict]) -> str:
+    """Whether the mean gate opening rose or fell in training and stays below ``CARRY``, and
+    whether the highway net's accuracy is within ``GATED_MARGIN`` points of the ResNet's."""
+    trained, init = mean(data.get("gate")), mean(data.get("gate_init"))
+    accs = data.get("final_test_acc", {})
+    gap = 100 * (mean(accs.get("highway")) - mean(accs.get("resnet")))
+    when = f"{data['epochs']} epochs" if finite(data.get("epochs")) else "training"
+    where = f" in the {data['layers']}-layer highway net" if finite(data.get("layers")) else ""
+    parts = []
+    if finite(trained, init):
+        moved = ("open (mean T rises" if trained > init else "close (mean T falls"
+                 if trained < init else "stay put (mean T stays")
+        mostly = (f"mostly carrying (T < {CARRY:g})" if trained < CARRY
+                  else f"mostly transforming (T ≥ {CARRY:g})")
+        parts.append(f"the gates {moved} from {num(init)} at initialisation to {num(trained)} "
+                     f"after {when}{where}), {mostly}")
+    if finite(gap):
+        matches = "matches" if gap > GATED_MARGIN else "does not match"
+        parts.append(f"the net {matches} the ResNet of the same depth ({signed(gap)} points of "
+                     f"test accuracy)")
+    return sentence(("; ".join(parts) or "Not measured: the highway trials failed")
+                    + caveat(claims))
 
 
 def plot(data: dict, out_dir) -> list[str]:

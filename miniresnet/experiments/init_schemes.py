@@ -16,6 +16,7 @@ import numpy as np
 from miniresnet import inspect, nn
 from miniresnet.config import current_backend
 from miniresnet.experiments import claims as cl
+from miniresnet.experiments.answers import caveat, finite, mean, num, sentence, signed
 
 NAME = "init_schemes"
 TITLE = ("Without batch norm, how do He, Fixup, SkipInit and zero-init-residual keep the signal "
@@ -178,6 +179,41 @@ def _claims(stats: dict, s: dict) -> list:
                f"at initialisation: max_l |Var(h_l)/Var(h_0) − 1| over {depth} blocks is 0"),
         paper=0.0, paper_status="derived", rule={"op": "abs_err_le", "value": 1e-12})
     return out
+
+
+IDENTITY = {"skipinit": "SkipInit", "fixup": "Fixup", "zero_init_bn": "zero-init-residual"}
+EXACT = 1e-12  # |Var(h_l)/Var(h_0) - 1| and the gradient's below this: exactly the identity
+
+
+def answer(data: dict, claims: list[dict]) -> str:
+    """Which of SkipInit, Fixup and zero-init-residual keep the variance and the gradient
+    exactly constant (largest identity error below ``EXACT``), beside He init's growth per
+    block without and with BN."""
+    stats = data.get("stats", {})
+    errors = {name: max((e for key in ("variance_identity_error", "gradient_identity_error")
+                         for e in stats[s].get(key, []) if finite(e)), default=None)
+              for s, name in IDENTITY.items() if s in stats}
+    exact = [name for name, e in errors.items() if e is not None and e < EXACT]
+    drift = [f"{name} drifts by up to {num(e)}" for name, e in errors.items()
+             if e is not None and e >= EXACT]
+    where = f" over {data.get('depth', '?')} blocks (width {data.get('width', '?')})"
+    parts = []
+    if exact:
+        parts.append(f"{', '.join(exact[:-1])}{' and ' if len(exact) > 1 else ''}{exact[-1]} "
+                     f"keep the stream's variance and gradient exactly constant{where}")
+        where = ""
+    parts += drift
+    he = mean(stats.get("he", {}).get("ratio_per_block"))
+    bn = mean(stats.get("he_bn", {}).get("slope"))
+    if finite(he):
+        tail = f" (linearly, {signed(bn)} per block, with BN branches)" if finite(bn) else ""
+        parts.append(f"{'while ' if parts else ''}plain He init lets the variance "
+                     f"{'grow' if he > 1 else 'shrink'} ×{num(he)} per block{where}{tail}")
+    if not parts:
+        return sentence("Not measured: no scheme's trials finished" + caveat(claims))
+    lead = ("by making every block the identity at initialisation: " if exact and not drift
+            else "not all of them do: " if drift else "")
+    return sentence(lead + ", ".join(parts) + caveat(claims))
 
 
 # -- figures ----------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 from miniresnet import inspect, nn
 from miniresnet.config import current_backend
 from miniresnet.experiments import plots
+from miniresnet.experiments.answers import caveat, finite, measured, num, pct, sentence
 from miniresnet.experiments.claims import claim, judge, mean_and_spread
 from miniresnet.nn.layers import BatchNorm1d, BatchNorm2d
 from miniresnet.tracing import no_grad
@@ -214,6 +215,40 @@ def summarise(results: list, scale: str) -> dict:
 
 def _floored(s, floor):
     return np.maximum(np.asarray(s, dtype=float), floor)
+
+
+LOSES_NONE = 1e-3  # near-zero fraction below this: no direction lost (the claims' rule)
+
+
+def answer(data: dict, claims: list[dict]) -> str:
+    """Whether the residual stack loses fewer directions end to end than the plain one and
+    than post-activation blocks, and distorts norms less than plain blocks (ratio below 1)."""
+    res, plain = (measured(claims, "residual_end_to_end_zero_directions"),
+                  measured(claims, "plain_end_to_end_zero_directions"))
+    post = measured(claims, "post_activation_zero_directions")
+    norm = measured(claims, "residual_block_norm_preservation")
+    v = data.get("variants", {}).get("residual_preact", {})
+    depth = (v.get("e2e_depth") or ["?"])[-1]
+    found = []
+    if finite(res, plain):
+        keeps = res < plain
+        lost = ("no direction is lost" if res < LOSES_NONE
+                else f"{pct(res)} of the directions are lost")
+        found.append((keeps, f"end to end through {depth} full pre-activation residual blocks "
+                             f"(width {v.get('width', '?')}) {lost}, against {pct(plain)} "
+                             f"through plain ones"))
+    if finite(res, post):
+        found.append((res < post, f"post-activation blocks lose {pct(post)} per block"))
+    if finite(norm):
+        found.append((norm < 1, f"a residual block distorts norms {num(norm)}× as much as a "
+                                f"plain one"))
+    if not found:
+        return sentence("Not measured: the Jacobians are missing" + caveat(claims))
+    yes = [k for k, _ in found]
+    lead = "yes" if all(yes) else "no" if not any(yes) else "partly"
+    texts = [t for _, t in found]
+    listed = ", ".join(texts[:-1]) + (", and " if len(texts) > 1 else "") + texts[-1]
+    return sentence(f"{lead}: {listed}" + caveat(claims))
 
 
 def plot(data: dict, out_dir) -> list[str]:

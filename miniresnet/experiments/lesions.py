@@ -7,6 +7,7 @@ import numpy as np
 
 from miniresnet import inspect
 from miniresnet.experiments import degradation, training
+from miniresnet.experiments.answers import caveat, finite, num, pct, sentence
 from miniresnet.experiments.claims import claim, mean_and_spread
 from miniresnet.experiments.plots import figure, save
 
@@ -139,6 +140,40 @@ def summarise(results: list, scale: str) -> dict:
             "chance": chance, "test_size": first["test_size"], "nets": nets,
             "replicates": max(len(ds) for ds in by_kind.values())}
     return {"claims": claims, "data": data}
+
+
+def answer(data: dict, claims: list[dict]) -> str:
+    """What one deletion does to each net, by its mean drop: above ``PLAIN_MIN_DROP`` points
+    it breaks the net, below ``RESNET_MAX_DROP`` it barely hurts it, in between it hurts it."""
+    nets = data.get("nets", {})
+
+    def effect(drop: float) -> str:
+        return ("breaks" if drop > PLAIN_MIN_DROP else "barely hurts" if drop < RESNET_MAX_DROP
+                else "hurts")
+
+    drops = {k: nets.get(k, {}).get("mean_drop") for k in ("plain", "resnet")}
+    drops = {k: d for k, d in drops.items() if finite(d)}
+    if not drops:
+        return sentence("Not measured: no lesioned net was evaluated" + caveat(claims))
+    names = {"plain": "the plain net", "resnet": "the ResNet"}
+    said = {k: effect(d) for k, d in drops.items()}
+    if len(said) == 2 and said["plain"] == said["resnet"]:
+        lead = f"it {said['plain']} both nets"
+    else:
+        lead = "it " + " but ".join(f"{said[k]} {names[k]}" for k in said)
+    layers = f"{6 * data['n'] + 2}-layer " if finite(data.get("n")) else ""
+    costs = []
+    for k in ("resnet", "plain"):
+        if k not in drops:
+            continue
+        unit = "" if costs else " points of test accuracy on average"
+        costs.append(f"{names[k]} {num(drops[k])}{unit}")
+        intact = nets[k].get("intact")
+        if k == "plain" and finite(intact, data.get("chance")):
+            costs[-1] += (f" (from {pct(intact)} to {pct(intact - drops[k] / 100)}, chance "
+                          f"{pct(data['chance'])})")
+    return sentence(f"{lead}: deleting one non-downsampling block of the trained {layers}nets "
+                    f"costs {', '.join(costs)}" + caveat(claims))
 
 
 def plot(data: dict, out_dir) -> list[str]:

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from miniresnet.experiments import degradation, training
+from miniresnet.experiments import answers, degradation, training
 from miniresnet.experiments.claims import claim
 from miniresnet.experiments.plots import figure, save
 from miniresnet.train import DivergenceError
@@ -247,7 +247,8 @@ def plot(data: dict, out_dir) -> list[str]:
 
 
 def answer(data: dict, claims: list[dict]) -> str:
-    """The measured answer in one sentence: how each run without batch norm ended."""
+    """The measured answer in one sentence: how each run without batch norm ended (final test
+    accuracy, or where it diverged), with every claim that does not reproduce named."""
     runs, chance = data["runs"], data["chance"]
 
     def outcome(name: str) -> str:
@@ -255,16 +256,17 @@ def answer(data: dict, claims: list[dict]) -> str:
         if r is None:
             return "did not run"
         if r["diverged"] is not None:
-            return f"diverged in epoch {r['diverged']['epoch'] + 1} of {data['epochs']}"
+            return f"diverged in epoch {r['diverged']['epoch'] + 1}"
         acc = r["final_test_acc"]
-        return (f"stayed at chance ({acc:.3f})" if acc < chance + CHANCE_MARGIN
-                else f"reached {acc:.3f}")
+        return f"stayed at chance ({acc:.3f})" if acc < chance + CHANCE_MARGIN else f"{acc:.3f}"
 
     he = runs.get("he")
     trains = he is not None and he["final_test_acc"] >= chance + CHANCE_MARGIN
-    bn = runs.get("bn", {}).get("final_test_acc", float("nan"))
-    return (f"{'Yes' if trains else 'No'}: without batch norm the He-initialised "
-            f"ResNet-{data['layers']} {outcome('he')} and with clipping at {data['clip']:g} "
-            f"{outcome('he+clip')}; Fixup {outcome('fixup')}, SkipInit {outcome('skipinit')} "
-            f"and with clipping {outcome('skipinit+clip')}, against {bn:.3f} with batch norm "
-            f"(test accuracy); the plain net without batch norm {outcome('plain')}.")
+    bn = runs.get("bn", {}).get("final_test_acc")
+    return answers.sentence(
+        f"{'Yes' if trains else 'No'}: without batch norm the He-initialised "
+        f"ResNet-{data['layers']} {outcome('he')} (clipped at {data['clip']:g}: "
+        f"{outcome('he+clip')}), Fixup {outcome('fixup')}, SkipInit {outcome('skipinit')} "
+        f"(clipped: {outcome('skipinit+clip')}), the plain net {outcome('plain')}; with batch "
+        f"norm {answers.num(bn)} (test accuracy, {data['epochs']} epochs)"
+        + answers.caveat(claims))

@@ -8,6 +8,7 @@ import numpy as np
 
 from miniresnet import inspect
 from miniresnet.experiments import degradation, training
+from miniresnet.experiments.answers import caveat, finite, num, sentence
 from miniresnet.experiments.claims import claim
 from miniresnet.experiments.plots import figure, save
 
@@ -100,6 +101,30 @@ def summarise(results: list, scale: str) -> dict:
             "downsampling": [n + 1, 2 * n + 1],  # blocks with a projection shortcut
             "mean_abs_log": dev, "bound": BOUND}
     return {"claims": claims, "data": data}
+
+
+def answer(data: dict, claims: list[dict]) -> str:
+    """Whether the ResNet is closer to norm preservation (smaller mean |log ratio|) than the
+    plain net at initialisation and at the last epoch."""
+    dev = data.get("mean_abs_log", {})
+    epochs = sorted(int(e) for e in dev.get("resnet", {}) if e in dev.get("plain", {}))
+    if not epochs:
+        return sentence("Not measured: the plain or the residual profiles are missing"
+                        + caveat(claims))
+    first, last = str(epochs[0]), str(epochs[-1])
+    res, plain = dev["resnet"], dev["plain"]
+    closer = {e: res[e] < plain[e] for e in (first, last) if finite(res[e], plain[e])}
+    lead = ("yes" if closer.get(first) and closer.get(last) else
+            "only at initialisation" if closer.get(first) else
+            "only after training" if closer.get(last) else "no")
+    layers = data.get("layers", "?")
+    start = "at initialisation" if first == "0" else f"at epoch {first}"
+    end = (f", {num(res[last])} against {num(plain[last])} after {last} epochs"
+           if last != first else "")
+    return sentence(
+        f"{lead}: the mean |log| of the block-to-block gradient-norm ratio is {num(res[first])} "
+        f"for ResNet-{layers} against {num(plain[first])} for plain-{layers} {start}{end}"
+        + caveat(claims))
 
 
 def plot(data: dict, out_dir) -> list[str]:

@@ -8,6 +8,7 @@ import numpy as np
 
 from miniresnet import inspect, nn
 from miniresnet.experiments import training
+from miniresnet.experiments.answers import caveat, finite, mean, num, pct, sentence
 from miniresnet.experiments.claims import claim, mean_and_spread
 from miniresnet.experiments.plots import figure, save
 
@@ -127,6 +128,35 @@ def summarise(results: list, scale: str) -> dict:
             "n": c0["model"]["n"], "epochs": epochs, "per_order": per,
             "paper_error": {o: PAPER_ERROR[o] for o in orders if o in PAPER_ERROR}}
     return {"claims": claims, "data": data}
+
+
+def answer(data: dict, claims: list[dict]) -> str:
+    """Whether every ordering trains (final test accuracy above ``TRAINS``), the worst and the
+    best ordering, and full pre-activation against the original, from the final accuracies."""
+    per, labels = data.get("per_order", {}), data.get("labels", {})
+    acc = {o: mean(per[o].get("final_test_acc")) for o in data.get("orders", []) if o in per}
+    acc = {o: a for o, a in acc.items() if finite(a)}
+    if not acc:
+        return sentence("Not measured: no ordering finished training" + caveat(claims))
+    worst, best = min(acc, key=acc.get), max(acc, key=acc.get)
+    setup = f", at {data['layers']} layers after {data['epochs']} epochs" if finite(
+        data.get("layers"), data.get("epochs")) else ""
+    if len(acc) < 2:
+        text = (f"not measured{setup}: only {labels.get(worst, worst)} finished training, at "
+                f"{pct(acc[worst])} test accuracy")
+    elif acc[worst] > TRAINS:
+        text = (f"only slightly{setup}: all {len(acc)} orderings train, to between "
+                f"{pct(acc[worst])} ({labels.get(worst, worst)}) and {pct(acc[best])} "
+                f"({labels.get(best, best)}) test accuracy")
+    else:
+        text = (f"yes{setup}: {labels.get(worst, worst)} reaches only {pct(acc[worst])} test "
+                f"accuracy, {labels.get(best, best)} {pct(acc[best])}")
+    if finite(acc.get("full_preact"), acc.get("post")):
+        diff = 100 * (acc["full_preact"] - acc["post"])
+        verb = "beats" if diff > 0 else "trails" if diff < 0 else "ties"
+        text += (f", and full pre-activation {verb} the original by "
+                 f"{num(abs(diff))} points")
+    return sentence(text + caveat(claims))
 
 
 def plot(data: dict, out_dir) -> list[str]:

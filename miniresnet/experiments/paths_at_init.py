@@ -9,6 +9,7 @@ import numpy as np
 
 from miniresnet import inspect, nn, ops
 from miniresnet.config import current_backend, to_numpy
+from miniresnet.experiments.answers import caveat, finite, mean, num, sentence
 from miniresnet.experiments.claims import claim, mean_and_spread
 from miniresnet.experiments.plots import figure, save
 from miniresnet.nn import frozen_stats
@@ -155,6 +156,22 @@ def summarise(results: list, scale: str) -> dict:
             "sum_rel_err": [d["sum_rel_err"] for d in datas], "binomial_5_17_percent": frac,
             "paper_range": [5, 17]}
     return {"claims": claims, "data": data}
+
+
+def answer(data: dict, claims: list[dict]) -> str:
+    """The centre of Veit's measure and of the exact shares against n/2, the centre of the path
+    count (the mean length of a path picked at random)."""
+    n = data.get("blocks")
+    veit, exact = mean(data.get("veit_centre")), mean(data.get("share_centre"))
+    if not finite(n, veit):
+        return sentence("Not measured: the per-length gradients are missing" + caveat(claims))
+    shorter = veit < n / 2
+    text = (f"{'shorter' if shorter else 'no shorter'} paths than average: in a {n}-block "
+            f"ResNet at initialisation Veit's measure centres on length {num(veit)}")
+    if finite(exact):
+        text += f" ({num(exact)} counting cancellations)"
+    text += f", against {num(n / 2)} for a path drawn at random"
+    return sentence(text + caveat(claims))
 
 
 def plot(data: dict, out_dir) -> list[str]:

@@ -8,6 +8,7 @@ import numpy as np
 
 from miniresnet import inspect, nn
 from miniresnet.experiments import degradation, training
+from miniresnet.experiments.answers import caveat, finite, mean, num, sentence
 from miniresnet.experiments.claims import claim, mean_and_spread
 from miniresnet.experiments.plots import figure, save
 
@@ -114,6 +115,32 @@ def summarise(results: list, scale: str) -> dict:
     data = {"blocks": n, "length": list(range(n + 1)), "count": first["count"],
             "fraction": FRACTION, "states": states, "paper_range": [5, 17], "paper_blocks": 54}
     return {"claims": claims, "data": data}
+
+
+def answer(data: dict, claims: list[dict]) -> str:
+    """The 90% range of Veit's measure at the trained weights against half the blocks and
+    against the range at initialisation (means over replicates)."""
+    n = data.get("blocks")
+    ranges = {s: [mean(r[i] for r in st.get("veit_range", [])) for i in (0, 1)]
+              for s, st in data.get("states", {}).items()}
+    lo, hi = ranges.get("trained", [None, None])
+    if not finite(n, lo, hi):
+        return sentence("Not measured: the trained net's path gradients are missing"
+                        + caveat(claims))
+    short = hi < n / 2
+    text = (f"{'short' if short else 'not only short'} ones: at the trained weights of the "
+            f"{n}-block ResNet, {round(100 * data.get('fraction', 0.9))}% of Veit's measure "
+            f"comes from paths of length {num(lo)}–{num(hi)}, {'below' if short else 'not below'}"
+            f" half the blocks ({num(n / 2)})")
+    init = ranges.get("init", [None, None])
+    if finite(*init):
+        than = ("shorter than" if hi < init[1] else "longer than" if hi > init[1]
+                else "as long as")
+        text += f", {than} at initialisation ({num(init[0])}–{num(init[1])})"
+    paper = data.get("paper_range")
+    if paper:
+        text += f"; Veit et al. found {paper[0]}–{paper[1]} of {data.get('paper_blocks')}"
+    return sentence(text + caveat(claims))
 
 
 def plot(data: dict, out_dir) -> list[str]:

@@ -54,6 +54,12 @@ def sentence(c: dict, scale: str) -> str:
             f"{describe_rule(c)}: {verdict(c, scale)}.")
 
 
+def _line(text: Any) -> str:
+    """``text`` on one line (an answer is one sentence; a stray newline would end its
+    paragraph)."""
+    return " ".join(str(text).split())
+
+
 def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -82,8 +88,10 @@ def render(results: dict) -> str:
              "computed from the claim's stated rule. A claim is judged only from the scale it "
              "is expected to hold at.", ""]
     for name, exp in results["experiments"].items():
-        lines += [f"## {exp.get('title') or name}", "",
-                  f"Experiment `{name}`, {number(exp.get('seconds'))} s.", ""]
+        lines += [f"## {exp.get('title') or name}", ""]
+        if exp.get("answer"):  # absent from results.json written before answers existed
+            lines += [f"**Answer.** {_line(exp['answer'])}", ""]
+        lines += [f"Experiment `{name}`, {number(exp.get('seconds'))} s.", ""]
         if exp.get("setup"):
             lines += [" ".join(exp["setup"].split()), ""]
         if exp.get("error"):
@@ -119,12 +127,15 @@ def terminal_table(results: dict) -> str:
 
 def readme_section(results: dict, figures: str = "figures") -> str:
     """The README's "What the demo finds" block for ``results`` (the committed default run):
-    per question one figure and the claims as paper vs measured, formatting only."""
+    per question its measured answer, one figure and the claims as paper vs measured,
+    formatting only."""
     lines = [f"Default scale, seed {results['seed']}: `python -m miniresnet.demo --out "
              f"{figures}/` writes these figures, [`{figures}/REPORT.md`]({figures}/REPORT.md) "
              f"and `{figures}/results.json`.", ""]
     for name, exp in results["experiments"].items():
         lines += [f"**{exp.get('title', name)}** (`{name}`)", ""]
+        if exp.get("answer"):
+            lines += [f"**Answer.** {_line(exp['answer'])}", ""]
         if exp.get("figures"):
             lines += [f"![{name}]({figures}/{exp['figures'][0]})", ""]
         lines += ["| claim | source | paper | measured | verdict |", "|---|---|---|---|---|"]

@@ -14,6 +14,7 @@ import numpy as np
 from miniresnet import inspect, nn
 from miniresnet.config import current_backend
 from miniresnet.experiments import plots
+from miniresnet.experiments.answers import caveat, finite, num, sentence
 from miniresnet.experiments.claims import claim, judge, mean_and_spread
 
 NAME = "shattered_gradients"
@@ -192,6 +193,37 @@ def summarise(results: list, scale: str) -> dict:
                      "reference": [{"variant": v, "depth": d, "acf1": r}
                                    for (v, d), r in REFERENCE.items()],
                      "labels": LABELS}}
+
+
+WHITE = 0.2  # lag-1 ACF below this: white noise, shattered (the rule of shattered_acf1_ff_L24)
+
+
+def answer(data: dict, claims: list[dict]) -> str:
+    """Whether, with batch norm, the feedforward net's gradient is white noise (lag-1 ACF below
+    ``WHITE``) and the resnet's is not, at the deepest depth both were measured at."""
+    acf = data.get("acf1", {})
+
+    def at(variant: str) -> dict:
+        v = acf.get(variant, {})
+        return {d: m for d, m in zip(v.get("depths", []), v.get("mean", [])) if finite(m)}
+
+    ff, res, beta = at("feedforward_bn"), at("resnet_bn"), at("resnet_bn_beta0.1")
+    common = sorted(set(ff) & set(res))
+    if not common:
+        return sentence("Not measured: the feedforward or the resnet BN gradients are missing"
+                        + caveat(claims))
+    depth = common[-1]
+    ff_white, res_white = ff[depth] < WHITE, res[depth] < WHITE
+    lead = ("yes, with batch norm" if ff_white and not res_white else
+            "no: both shatter" if ff_white else "no: the resnet's shatters, the feedforward's "
+            "does not" if res_white else "not at this depth: neither shatters")
+    with_beta = f" ({num(beta[depth])} with β = 0.1)" if depth in beta else ""
+    grid = data.get("grid", [None, None, GRID])[2]
+    white = f"white noise (ACF < {WHITE:g})" if ff_white else f"not white noise (ACF ≥ {WHITE:g})"
+    return sentence(
+        f"{lead}: at {depth} blocks the lag-1 autocorrelation of df/dx over {grid} inputs is "
+        f"{num(res[depth])} for a BN resnet{with_beta} against {num(ff[depth])} for the "
+        f"feedforward BN net, whose gradient is {white}" + caveat(claims))
 
 
 def plot(data: dict, out_dir) -> list[str]:

@@ -10,6 +10,7 @@ import numpy as np
 
 from miniresnet import inspect, nn
 from miniresnet.config import current_backend
+from miniresnet.experiments.answers import caveat, finite, num, sentence
 from miniresnet.experiments.claims import claim, mean_and_spread
 from miniresnet.experiments.plots import figure, save
 
@@ -193,6 +194,37 @@ def summarise(results: list, scale: str) -> dict:
 def _blocks_back(curve) -> np.ndarray:
     """x-axis: the number of blocks the gradient went back through (L - l)."""
     return np.arange(len(curve))[::-1]
+
+
+EXACT = 1e-12  # relative error below this: exactly lambda^L (shortcut_lambda_exact's rule)
+
+
+def answer(data: dict, claims: list[dict]) -> str:
+    """Whether zero-branch nets follow λ^L exactly, and whether with live BN branches the
+    gradient still grows for λ > 1 and shrinks for λ < 1, as λ^L would make it."""
+    err, depth = data.get("exact_error"), data.get("depth", "?")
+    rates = {float(lam): r for lam, r in data.get("live_bn_rate", {}).items() if finite(r)}
+    live = {lam: rates[lam] for lam in (1.1, 0.5) if lam in rates}
+    follows = all((r > 1) == (lam > 1) for lam, r in live.items())
+    if not finite(err):
+        text = "unmeasured with zero branches"
+    elif err < EXACT:
+        text = (f"exactly as λ^L {'' if follows else 'only '}with zero branches (relative "
+                f"error {num(err)} over {depth} blocks)")
+    else:
+        text = (f"not exactly as λ^L even with zero branches (relative error {num(err)} over "
+                f"{depth} blocks)")
+    if live:
+        said = " and ".join(f"{'grows' if r > 1 else 'shrinks'} ×{num(r)}"
+                            f"{'' if i else ' per block'} at λ = {lam:g}"
+                            for i, (lam, r) in enumerate(live.items()))
+        text += f"; with live BN branches the gradient {said}"
+        wrong = [lam for lam, r in live.items() if (r > 1) != (lam > 1)]
+        if wrong:
+            text += (f", where λ^L would {'shrink' if wrong[0] < 1 else 'grow'} it "
+                     f"(He et al.'s Eq. 8)")
+    return sentence(text + caveat(claims, skip={"shortcut_live_rate_lam1.1",
+                                                "shortcut_live_rate_lam0.5"}))
 
 
 def plot(data: dict, out_dir) -> list[str]:

@@ -25,6 +25,7 @@ import numpy as np
 from miniresnet import inspect, nn
 from miniresnet.config import current_backend
 from miniresnet.experiments import claims as cl
+from miniresnet.experiments.answers import caveat, finite, num, sentence
 
 NAME = "vanishing_exploding"
 TITLE = ("Do gradients vanish or explode through depth at initialisation, with and without "
@@ -212,6 +213,47 @@ def _claims(yang: list, conv: dict, s: dict) -> list:
             spread=spread, rule={"op": "between", "value": list(HEALTHY)},
             holds_at="default"))
     return out
+
+
+def _fate(ratio: float) -> str:
+    """What ``‖∂s/∂h_0‖ / ‖∂s/∂h_L‖`` says, by the ``HEALTHY`` factor of 10 either way."""
+    return ("explode" if ratio > HEALTHY[1] else "vanish" if ratio < HEALTHY[0]
+            else "stay within 10×")
+
+
+def answer(data: dict, claims: list[dict]) -> str:
+    """Input-over-output gradient ratios of the BN ReLU MLPs, plain and residual (their fate
+    by the ``HEALTHY`` factor), and of the plain BN conv nets against He et al.'s "healthy"."""
+    d = data.get("depth", {})
+    ratio = {}
+    for c in d.get("curves", []):
+        g = c.get("grad_norm") or [None]
+        if c.get("norm") and c.get("activation") == "relu" and finite(g[0], g[-1]) and g[-1]:
+            ratio[bool(c.get("residual"))] = g[0] / g[-1]
+    parts = []
+    if False in ratio:
+        plain = ratio[False]
+        lead = f"with batch norm they {_fate(plain)} without skips"
+        numbers = (f"the gradient {'grows' if plain >= 1 else 'shrinks'} ×{num(plain)} toward "
+                   f"the input of a plain ReLU MLP")
+        if True in ratio:
+            res = ratio[True]
+            # closer to 1 on a log scale: less explosion (or vanishing) with skips
+            fewer = res > 0 and plain > 0 and abs(math.log(res)) < abs(math.log(plain))
+            lead += f", {'less' if fewer else 'not less'} with them"
+            numbers += f", ×{num(res)} with skips"
+        parts.append(f"{lead}: over {d.get('depth', '?')} blocks at He init (width "
+                     f"{d.get('width', '?')}) {numbers}")
+    conv = data.get("conv", {})
+    healthy = cl.mean_and_spread(conv.get("plain", {}).get("ratios") or [])[0]
+    if finite(healthy):
+        within = HEALTHY[0] <= healthy <= HEALTHY[1]
+        net = f"plain-{6 * conv['n'] + 2}" if finite(conv.get("n")) else "plain"
+        subject = "" if parts else f"the gradient {'grows' if healthy >= 1 else 'shrinks'} "
+        parts.append(f"{subject}×{num(healthy)} through {net} BN conv nets, "
+                     f"{'within' if within else 'beyond'} He et al.'s 'healthy' 10×")
+    return sentence((", ".join(parts) or "Not measured: the gradient profiles are missing")
+                    + caveat(claims, skip={"he_healthy_norms_bn"}))
 
 
 # -- figures ----------------------------------------------------------------------------------
