@@ -7,9 +7,11 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -96,12 +98,15 @@ class History:
     """Per-epoch metrics (a list of dicts with ``epoch``, ``lr``, ``train_loss``,
     ``train_acc``, ``test_loss``, ``test_acc``), the wall-clock ``seconds`` per epoch and, per
     step, the minibatch loss ``step_loss`` and the global L2 norm of its gradients before any
-    clipping ``step_grad_norm`` (inf where its square overflows the dtype)."""
+    clipping ``step_grad_norm`` (inf where its square overflows the dtype). ``instruments``
+    maps each instrument's name to its ``(step, value)`` records (see ``fit``'s
+    ``instruments``)."""
 
     records: list[dict] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     step_loss: list[float] = field(default_factory=list)
     step_grad_norm: list[float] = field(default_factory=list)
+    instruments: dict[str, list[tuple[int, Any]]] = field(default_factory=dict)
 
     def column(self, name: str) -> list:
         """One metric over the epochs, e.g. ``history.column("test_acc")``."""
@@ -113,6 +118,104 @@ class History:
         last = self.records[-1]
         return (f"History({len(self.records)} epochs, last: train_loss={last['train_loss']:.4f}"
                 f", test_acc={last['test_acc']:.4f})")
+
+
+@dataclass(frozen=True)
+class TrainingStep:
+    """What an instrument sees of one training step, just after it was taken.
+
+    Read-only: the arrays are the very arrays training uses (updates replace arrays, never
+    write into them), so an instrument must not write into them; ``fit`` puts back the
+    parameters, buffers, optimiser state, gradients and train/eval modes after the instruments
+    ran, whatever they did.
+
+    Attributes
+    ----------
+    model, optimizer
+        The model (holding ``params_after``, in training mode) and the optimiser.
+    epoch : int
+        The epoch.
+    step : int
+        The step counted over the whole run, ``epoch · steps_per_epoch + index``.
+    index : int
+        The step within the epoch, from 0.
+    lr : float
+        The learning rate of the step.
+    x, y : backend arrays
+        The minibatch.
+    loss : float
+        The minibatch loss at ``params_before`` (as in ``History.step_loss``).
+    gradients : mapping
+        Parameter name -> the gradient of that loss at ``params_before``, before any clipping.
+    params_before, params_after : mapping
+        Parameter name -> the parameter before and after the step.
+    buffers_before : mapping
+        Buffer name -> the buffer (batch-norm running statistics) before the step's forward
+        pass; the model holds them as updated by it.
+    """
+
+    model: Module
+    optimizer: SGD
+    epoch: int
+    step: int
+    index: int
+    lr: float
+    x: Any
+    y: Any
+    loss: float
+    gradients: Mapping[str, Any]
+    params_before: Mapping[str, Any]
+    params_after: Mapping[str, Any]
+    buffers_before: Mapping[str, Any]
+
+
+def _check_instruments(instruments) -> list:
+    """``instruments`` as a list after checking each one's name, ``every`` and call."""
+    if instruments is None:
+        return []
+    if not isinstance(instruments, Sequence) or isinstance(instruments, str):
+        raise TypeError(f"fit: instruments must be a list of instruments, got "
+                        f"{type(instruments).__name__}")
+    seen = set()
+    for i, inst in enumerate(instruments):
+        what = f"fit: instruments[{i}] ({type(inst).__name__})"
+        name = getattr(inst, "name", None)
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{what} has no name: an instrument needs a non-empty str name, a "
+                            f"positive int every and a call instrument(step) -> value "
+                            f"(see miniresnet.instruments)")
+        if name in seen:
+            raise ValueError(f"{what}: two instruments are named {name!r}; each records under "
+                             "its own name")
+        seen.add(name)
+        every = getattr(inst, "every", None)
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"{what} {name!r}: every must be a positive int (run every that "
+                             f"many steps), got {every!r}")
+        if not callable(inst):
+            raise TypeError(f"{what} {name!r} is not callable; it must be called as "
+                            "instrument(step) -> value")
+    return list(instruments)
+
+
+def _instrument(due: list, view: TrainingStep, tensors: list, history: History) -> None:
+    """Run the ``due`` instruments on ``view`` and record their values, then put back
+    everything of the training state they could have changed."""
+    model, optimizer = view.model, view.optimizer
+    raws, state = [t.raw for t in tensors], optimizer.state_dict()
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for inst in due:
+            history.instruments.setdefault(inst.name, []).append((view.step, inst(view)))
+    finally:
+        for t, raw in zip(tensors, raws):
+            if t.raw is not raw:
+                t.data = raw
+        optimizer.load_state_dict(state)
+        for m, training in modes:
+            object.__setattr__(m, "training", training)
+        for p in (*model.parameters(), *optimizer.params):
+            p.grad = None
 
 
 def _take(xp, a, idx):
@@ -166,7 +269,8 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
         schedule="cosine", milestones=None, clip_norm: float | None = None,
         clip_value: float | None = None, seed: int = 0, optimizer: SGD | None = None,
         start_epoch: int = 0, progress: bool | None = None,
-        on_epoch_end: Callable[[int, Module, SGD, History], None] | None = None) -> History:
+        on_epoch_end: Callable[[int, Module, SGD, History], None] | None = None,
+        instruments: Sequence | None = None) -> History:
     """Train ``model`` with minibatch SGD and cross-entropy on ``data`` (a
     :class:`~miniresnet.data.Dataset`).
 
@@ -197,6 +301,15 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
         Show a tqdm bar; by default only when stderr is a terminal.
     on_epoch_end : callable, optional
         Called as ``on_epoch_end(epoch, model, optimizer, history)`` (e.g. to checkpoint).
+    instruments : list, optional
+        Measurements taken during training (:mod:`miniresnet.instruments` has built-ins). An
+        instrument has a ``name`` (str, unique), ``every`` (int >= 1) and is called as
+        ``instrument(step)`` with a :class:`TrainingStep` after every step whose run-wide
+        index is a multiple of ``every`` (step 0 included); its return value is appended as
+        ``(step, value)`` to ``history.instruments[name]``. They do not change training: the
+        parameters, buffers, optimiser state, gradients and modes are put back after them
+        (and the shuffles have their own generator), so the weights and history are those of
+        a run without them. An instrument that raises stops training after its step.
 
     Returns
     -------
@@ -224,6 +337,7 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
                         weight_decay=weight_decay)
     elif not isinstance(optimizer, SGD):
         raise TypeError(f"fit: optimizer must be an SGD, got {type(optimizer).__name__}")
+    instruments = _check_instruments(instruments)
     lr_at = make_schedule(schedule, lr, epochs, milestones)
     lrs = {}
     for epoch in range(start_epoch, epochs):  # schedules are pure: check them all up front
@@ -244,6 +358,7 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
     tensors = list({id(t): t for t in (*model.parameters(), *model.buffers(),
                                        *optimizer.params)}.values())
     history = History()
+    named = list(model.named_parameters())
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=(epochs - start_epoch) * steps, disable=not show, unit="step",
                desc="fit", leave=False)
@@ -257,10 +372,18 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
             for s, idx in enumerate(batches(n, batch_size, epoch_rng, backend=be)):
                 xb, yb = _take(xp, x, idx), _take(xp, y, idx)
                 saved = [t.raw for t in tensors], optimizer.state_dict()
+                step = epoch * steps + s
+                due = [inst for inst in instruments if step % inst.every == 0]
+                if due:  # before the forward pass updates the running statistics
+                    buffers = {name: b.raw for name, b in model.named_buffers()}
                 try:
                     logits = model(xb)
                     loss = F.cross_entropy(logits, yb)
                     loss.backward()
+                    if due:  # references: clipping and the step replace arrays, never edit
+                        before = {name: p.raw for name, p in named}
+                        grads = {name: p.grad.raw if p.grad is not None else xp.zeros_like(p.raw)
+                                 for name, p in named}
                     batch_loss, grad_norm = _checked_loss(loss, optimizer.params)
                     history.step_loss.append(batch_loss if math.isfinite(batch_loss)
                                              else loss.item())
@@ -279,6 +402,12 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
                     raise
                 finally:
                     optimizer.zero_grad()
+                if due:
+                    _instrument(due, TrainingStep(
+                        model, optimizer, epoch, step, s, optimizer.lr, xb, yb, batch_loss,
+                        MappingProxyType(grads), MappingProxyType(before),
+                        MappingProxyType({name: p.raw for name, p in named}),
+                        MappingProxyType(buffers)), tensors, history)
                 loss_sum += batch_loss * idx.shape[0]
                 correct = correct + _hits(xp, logits, yb)  # stays on the device
                 bar.update(1)

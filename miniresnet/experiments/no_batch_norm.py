@@ -7,6 +7,7 @@ is the generic remedy for exploding gradients."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 
@@ -79,7 +80,9 @@ def run_trial(config: dict, seed: int) -> dict:
     the store) until the end or until it diverged. ``seed`` is unused: the net's seed is
     ``config["train_seed"]``."""
     try:
-        net = training.trained(config["train"], config["train_seed"])
+        with warnings.catch_warnings():  # a diverging run overflows on its way: that is data
+            warnings.simplefilter("ignore", RuntimeWarning)
+            net = training.trained(config["train"], config["train_seed"])
         records, steps, diverged = net.history, net.steps, None
     except DivergenceError as e:
         h = e.history

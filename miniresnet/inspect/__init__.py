@@ -15,6 +15,18 @@ samples of a batch are coupled) and updates nothing.
 
 from __future__ import annotations
 
+from miniresnet.inspect.curvature import (
+    Eigenpairs,
+    Lanczos,
+    TraceEstimate,
+    ggn_top,
+    ggn_vector_product,
+    hessian_density,
+    hessian_top,
+    hessian_trace,
+    hessian_vector_product,
+    lanczos,
+)
 from miniresnet.inspect.gradients import (
     GradientSNR,
     autocorrelation,
@@ -30,13 +42,18 @@ from miniresnet.inspect.paths import (
     shortest_range,
     split_block,
 )
+from miniresnet.inspect.per_sample import PerSampleGradients, per_sample_gradients
 from miniresnet.inspect.profile import Profile, block_jacobian, profile, stream_jacobian
 from miniresnet.inspect.spectra import Hessian, hessian, singular_values
 from miniresnet.inspect.units import UnitStatistics, unit_statistics
 
 __all__ = [
-    "GradientSNR", "Hessian", "Profile", "UnitStatistics", "accuracy", "autocorrelation",
-    "block_jacobian", "gradient_correlation", "gradient_snr", "hessian", "input_gradients",
-    "lesioned", "path_gradients", "path_gradients_sampled", "path_summary", "profile",
+    "Eigenpairs", "GradientSNR", "Hessian", "Lanczos", "PerSampleGradients", "Profile",
+    "TraceEstimate",
+    "UnitStatistics", "accuracy", "autocorrelation", "block_jacobian", "ggn_top",
+    "ggn_vector_product", "gradient_correlation", "gradient_snr", "hessian", "hessian_density",
+    "hessian_top", "hessian_trace", "hessian_vector_product", "input_gradients", "lanczos",
+    "lesioned", "path_gradients", "path_gradients_sampled", "path_summary",
+    "per_sample_gradients", "profile",
     "shortest_range", "singular_values", "split_block", "stream_jacobian", "unit_statistics",
 ]

@@ -150,3 +150,34 @@ def hooked(modules, hook) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+def batch_statistics(model, norms, x, caller: str) -> dict:
+    """``{buffer name: array}``: the mean and biased variance each training-mode batch norm in
+    ``norms`` computes on ``x`` (one forward pass, observed by hooks), named as ``model``'s
+    running-statistics buffers so that they can stand in for them (``caller`` names the function
+    in errors)."""
+    stats, calls = {}, {}
+
+    def observe(module, inputs, _output):
+        h = as_tensor(inputs[0]).raw
+        xp = as_tensor(inputs[0]).backend.xp
+        axes = (0,) if h.ndim == 2 else (0, 2, 3)
+        shape = (1, h.shape[1]) + (1,) * (h.ndim - 2)
+        mean = xp.mean(h, axis=axes)
+        var = xp.mean((h - xp.reshape(mean, shape)) ** 2, axis=axes)  # biased, as training uses
+        stats[module] = (mean, var)
+        calls[module] = calls.get(module, 0) + 1
+
+    with hooked(norms, observe), no_grad():
+        model(x)
+    names = {m: name for name, m in model.named_modules()}
+    values = {}
+    for m, (mean, var) in stats.items():
+        if calls[m] > 1:
+            raise ValueError(f"{caller}: batch norm {names[m]!r} runs "
+                             f"{calls[m]} times in one forward pass; batch_stats='frozen' needs "
+                             "each batch norm to see one batch (use batch_stats='coupled')")
+        prefix = f"{names[m]}." if names[m] else ""
+        values[prefix + "running_mean"], values[prefix + "running_var"] = mean, var
+    return values

@@ -12,52 +12,22 @@ import numpy as np
 
 from miniresnet import functional as F
 from miniresnet.inspect._common import (
+    batch_statistics,
     check_module,
     check_network,
-    hooked,
     host,
     host_data,
     untouched,
 )
 from miniresnet.nn.layers import BatchNorm1d, BatchNorm2d
 from miniresnet.nn.module import functional_call, substituted
-from miniresnet.tracing import as_tensor, no_grad
+from miniresnet.tracing import as_tensor
 from miniresnet.transforms import grad, vjp
 
 BATCH_STATS = ("frozen", "coupled")
 
 
 # -- input gradients ----------------------------------------------------------------------------
-
-
-def _batch_statistics(model, norms, x) -> dict:
-    """``{buffer name: array}``: the mean and biased variance each training-mode batch norm in
-    ``norms`` computes on ``x`` (one forward pass, observed by hooks), named as ``model``'s
-    running-statistics buffers so that they can stand in for them."""
-    stats, calls = {}, {}
-
-    def observe(module, inputs, _output):
-        h = as_tensor(inputs[0]).raw
-        xp = as_tensor(inputs[0]).backend.xp
-        axes = (0,) if h.ndim == 2 else (0, 2, 3)
-        shape = (1, h.shape[1]) + (1,) * (h.ndim - 2)
-        mean = xp.mean(h, axis=axes)
-        var = xp.mean((h - xp.reshape(mean, shape)) ** 2, axis=axes)  # biased, as training uses
-        stats[module] = (mean, var)
-        calls[module] = calls.get(module, 0) + 1
-
-    with hooked(norms, observe), no_grad():
-        model(x)
-    names = {m: name for name, m in model.named_modules()}
-    values = {}
-    for m, (mean, var) in stats.items():
-        if calls[m] > 1:
-            raise ValueError(f"inspect.input_gradients: batch norm {names[m]!r} runs "
-                             f"{calls[m]} times in one forward pass; batch_stats='frozen' needs "
-                             "each batch norm to see one batch (use batch_stats='coupled')")
-        prefix = f"{names[m]}." if names[m] else ""
-        values[prefix + "running_mean"], values[prefix + "running_var"] = mean, var
-    return values
 
 
 def input_gradients(model, x, *, output: int = 0, batch_stats: str = "frozen") -> np.ndarray:
@@ -105,7 +75,7 @@ def input_gradients(model, x, *, output: int = 0, batch_stats: str = "frozen") -
                  if isinstance(m, BatchNorm1d | BatchNorm2d) and m.training]
         frozen = {}
         if norms and batch_stats == "frozen":
-            frozen = _batch_statistics(model, norms, x)
+            frozen = batch_statistics(model, norms, x, "inspect.input_gradients")
             for m in norms:  # evaluation mode with this batch's statistics as the running ones
                 object.__setattr__(m, "training", False)
         with substituted(model, frozen):
