@@ -115,7 +115,7 @@ def test_answer_follows_the_numbers():
     out = exp.summarise(_fake(good, {}, diverged=("he", "skipinit")), "default")
     text = exp.answer(out["data"], out["claims"])
     assert text.startswith("No:") and text.endswith(".") and "\n" not in text
-    assert "ResNet-44 diverged in epoch 1" in text and "with batch norm 0.97 " in text
+    assert "ResNet-44 diverged in epoch 1" in text and "batch norm 0.97." in text
     out = exp.summarise(_fake(good, {}), "default")
     text = exp.answer(out["data"], out["claims"])
     assert text.startswith("Yes:") and "ResNet-44 0.900" in text

@@ -234,10 +234,13 @@ def answer(data: dict, claims: list[dict]) -> str:
     """The measured answer in one sentence: the first stage's gradient SNR, plain vs ResNet, at
     initialisation, during training and at the end; yes or no from the judged claims (the gap
     must exceed one standard error over replicates), or from the means where none is judged."""
-    stages, eps = data["stage_log10_snr"], data["epochs"]
+    stages, eps = data.get("stage_log10_snr", {}), data.get("epochs", [])
+    if not eps or set(stages) != set(KINDS):
+        return answers.sentence("Not measured: the trials of this run failed"
+                                + answers.caveat(claims))
 
     def snr(kind: str, epochs) -> float:
-        logs = [stages[kind][str(e)][0] for e in epochs if str(e) in stages[kind]]
+        logs = [stages[kind][str(e)][0] for e in epochs if str(e) in stages.get(kind, {})]
         return float(10 ** np.mean(logs)) if logs else float("nan")
 
     moments = [("at initialisation", [eps[0]]), ("during training", eps[1:-1]),
@@ -250,5 +253,6 @@ def answer(data: dict, claims: list[dict]) -> str:
     listed = ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
     return answers.sentence(
         f"{verdict}: the gradient signal-to-noise ratio of the first-stage blocks (below 1: "
-        f"noise dominates), plain-{data['layers']} vs ResNet-{data['layers']}, is {listed}"
+        f"noise dominates), plain-{data.get('layers', '?')} vs "
+        f"ResNet-{data.get('layers', '?')}, is {listed}"
         + answers.caveat(claims))

@@ -189,6 +189,9 @@ def plot(data: dict, out_dir) -> list[str]:
     fig, axes = figure(2, 2, width=5.4, height=3.7)
     runs = data["runs"]
     spe = data["steps_per_epoch"]
+    finite = [v for r in runs.values() if r["diverged"] is None
+              for v in r["step_grad_norm"] if v is not None]
+    cap = 30 * max(finite, default=1.0)  # a diverging run's last norms would squash the rest
     for j, clipped in enumerate((False, True)):
         ax = axes[0, j]
         for name in _ORDER:  # clipped panel: the clipped runs beside batch norm's
@@ -199,16 +202,19 @@ def plot(data: dict, out_dir) -> list[str]:
             g = np.array([np.nan if v is None else v for v in r["step_grad_norm"]])
             x = np.arange(1, len(g) + 1) / spe
             colour = _COLOURS[name.split("+")[0]]
-            ax.semilogy(x, g, lw=0.9, color=colour, label=r["label"])
+            ax.semilogy(x, np.minimum(g, cap), lw=0.9, color=colour, label=r["label"])
             if r["diverged"] is not None:
                 last = np.flatnonzero(np.isfinite(g))
                 if last.size:
-                    ax.plot(x[last[-1]], g[last[-1]], "x", ms=9, mew=2, color=colour)
+                    i = last[-1]
+                    ax.plot(x[i], min(g[i], cap), "x", ms=9, mew=2, color=colour)
+                    ax.annotate(f"{g[i]:.0e}", (x[i], min(g[i], cap)), fontsize=7,
+                                color=colour, xytext=(5, -10), textcoords="offset points")
         if clipped:
             ax.axhline(data["clip"], color="grey", lw=0.8, ls=":",
                        label=f"clip threshold ({data['clip']:g})")
         ax.set_title(f"Gradient norm per step, {'with' if clipped else 'without'} clipping"
-                     + ("" if clipped else " (x: diverged)"))
+                     + ("" if clipped else " (x: diverged; its last norm)"))
         ax.set_xlabel("epoch (steps / steps per epoch)")
         ax.set_ylabel("global gradient norm before clipping (log)")
         ax.legend(fontsize=7, loc="best")
@@ -252,7 +258,7 @@ def plot(data: dict, out_dir) -> list[str]:
 def answer(data: dict, claims: list[dict]) -> str:
     """The measured answer in one sentence: how each run without batch norm ended (final test
     accuracy, or where it diverged), with every claim that does not reproduce named."""
-    runs, chance = data["runs"], data["chance"]
+    runs, chance = data.get("runs", {}), data.get("chance", math.nan)
 
     def outcome(name: str) -> str:
         r = runs.get(name)
@@ -268,8 +274,8 @@ def answer(data: dict, claims: list[dict]) -> str:
     bn = runs.get("bn", {}).get("final_test_acc")
     return answers.sentence(
         f"{'Yes' if trains else 'No'}: without batch norm the He-initialised "
-        f"ResNet-{data['layers']} {outcome('he')} (clipped at {data['clip']:g}: "
-        f"{outcome('he+clip')}), Fixup {outcome('fixup')}, SkipInit {outcome('skipinit')} "
-        f"(clipped: {outcome('skipinit+clip')}), the plain net {outcome('plain')}; with batch "
-        f"norm {answers.num(bn)} (test accuracy, {data['epochs']} epochs)"
+        f"ResNet-{data.get('layers', '?')} {outcome('he')} (clipped at "
+        f"{answers.num(data.get('clip'))}: {outcome('he+clip')} test accuracy), Fixup "
+        f"{outcome('fixup')}, SkipInit {outcome('skipinit')} (clipped: "
+        f"{outcome('skipinit+clip')}), plain {outcome('plain')}; batch norm {answers.num(bn)}"
         + answers.caveat(claims))
