@@ -88,6 +88,7 @@ KEY_NUMBER = {
     "no_batch_norm": (_set(("runs", "fixup", "final_test_acc"), 0.9123), "Fixup 0.912"),
     "gradient_snr": (_set(("stage_log10_snr", "plain", "0"), [-2.0, 0.0, 0.0]),
                      "0.01 vs"),
+    "loss_landscape": (_set(("top", "bn", "9", "trained"), 4321.0), answers.num(4321.0)),
 }
 
 

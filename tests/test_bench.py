@@ -316,6 +316,12 @@ def test_ctrl_c_prints_one_line_and_exits_130(monkeypatch, capsys, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def _default_sigint():
+    """In the child before exec: Ctrl-C's default disposition, so that Python installs its
+    handler even when this test runs where SIGINT is ignored (a background job)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_real_sigint_exits_130(tmp_path):
     # the child signals it is inside the run (its start-up GEMM timing), then waits to be stopped
     child = ("import sys, time\nfrom miniresnet import bench\n"
@@ -323,7 +329,8 @@ def test_real_sigint_exits_130(tmp_path):
              "bench.gemm_rate = slow\n"
              "bench.main(['--quick', '--libs', 'ours', '--json', sys.argv[1]])\n")
     proc = subprocess.Popen([sys.executable, "-c", child, str(tmp_path / "r.json")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     try:
         assert proc.stdout.readline() == "timing\n"
         proc.send_signal(signal.SIGINT)

@@ -161,7 +161,9 @@ def test_ctrl_c_in_a_real_process(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "miniresnet.train", *TINY, "--epochs", "10000", "--save",
          str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        env=env)
+        env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # (the default disposition in the child: where SIGINT is ignored, e.g. in a background
+    # job, Python would not install its Ctrl-C handler)
     try:
         lines = []
         while not (line := proc.stdout.readline()).startswith("epoch   0"):

@@ -40,7 +40,8 @@ import importlib
 from types import ModuleType
 
 EXPERIMENTS = ("degradation", "lesions", "paths_trained", "orderings", "highway_vs_residual",
-               "norm_preservation", "no_batch_norm", "gradient_snr", "vanishing_exploding",
+               "norm_preservation", "no_batch_norm", "gradient_snr", "loss_landscape",
+               "vanishing_exploding",
                "shattered_gradients", "paths_at_init", "shortcut_scaling", "jacobian_spectra",
                "init_schemes")
 
