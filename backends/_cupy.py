@@ -4,21 +4,20 @@ CuPy is imported inside a ``try`` and the backend counts as available only if th
 and ``cupy.cuda.runtime.getDeviceCount()`` reports at least one device. Nothing here touches the
 GPU before :func:`make_backend` is called on a machine where :func:`check_available` is true.
 
-im2col uses the array-API-only implementation (kh * kw strided slice copies and one stack);
-col2im uses the same in-place strided ``+=`` routine as the NumPy backend with ``cupy.zeros``;
-conv2d and its adjoints are the generic ones built on these two and ``tensordot``.
+The conv kernels are the array-API-only ones of :class:`._generic.Backend`: im2col by kh * kw
+strided slice copies and one stack, col2im by in-place strided ``+=``, conv and its adjoints
+built on these two and ``tensordot``.
 Random numbers are drawn on the host (see :class:`._generic.Rng`) and copied to the device, so
 they match the other backends bit for bit.
 """
 
 from __future__ import annotations
 
-import functools
 from types import ModuleType
 from typing import Any
 
-from . import _numpy
-from ._generic import Backend, BackendUnavailable
+from ._generic import Backend
+from ._registry import BackendUnavailable
 
 __all__ = ["CupyBackend", "check_available", "make_backend"]
 
@@ -77,8 +76,7 @@ class CupyBackend(Backend):
     """CuPy arrays through ``array_api_compat.cupy``."""
 
     def __init__(self, cupy: ModuleType, xp: ModuleType) -> None:
-        super().__init__("cupy", xp, cupy.ndarray, col2im_impl=functools.partial(
-            _numpy.col2im, zeros=cupy.zeros))
+        super().__init__("cupy", xp, cupy.ndarray)
         self._cupy = cupy
 
     def _host(self, x: Any) -> Any:

@@ -1,88 +1,26 @@
-"""Backend base class, host-side RNG and array-API-only im2col / col2im.
+"""Backend base class, host-side RNG and the array-API-only conv kernels.
 
-Everything here uses only the array API standard through the namespace ``xp`` it is given
-(or that :func:`array_api_compat.array_namespace` infers), so it runs unchanged on NumPy,
-array-api-strict and CuPy. Backend modules subclass :class:`Backend` and override what they can
-do faster.
+Everything here uses only the array API standard through the backend's namespace ``xp``, so it
+runs unchanged on NumPy, array-api-strict and CuPy. A backend module subclasses :class:`Backend`
+and overrides the methods its library does faster (the one way to extend a backend).
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
-__all__ = [
-    "Backend",
-    "BackendUnavailable",
-    "Rng",
-    "col2im",
-    "conv_output_size",
-    "im2col",
-    "to_host",
-]
+from ._geometry import conv_geometry
+from ._registry import backend_of
+
+__all__ = ["Backend", "Rng", "to_host"]
 
 ShapeLike = int | Sequence[int]
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend was requested that cannot be used here; the message says why and how to fix."""
-
-
-# ----------------------------------------------------------------------------------------------
-# shape helpers shared by every implementation
-# ----------------------------------------------------------------------------------------------
-
-
-def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, int | np.integer):
-        return int(value), int(value)
-    a, b = value
-    return int(a), int(b)
-
-
-def conv_output_size(
-    height: int,
-    width: int,
-    kh: int,
-    kw: int,
-    stride: int | Sequence[int],
-    padding: int | Sequence[int],
-) -> tuple[int, int, int, int, int, int]:
-    """Validate a convolution geometry and return ``(OH, OW, sh, sw, ph, pw)``.
-
-    Raises
-    ------
-    ValueError
-        If a kernel size or stride is < 1, a padding is < 0, or the output would be empty.
-    """
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    if kh < 1 or kw < 1:
-        raise ValueError(f"kernel size must be >= 1, got ({kh}, {kw})")
-    if sh < 1 or sw < 1:
-        raise ValueError(f"stride must be >= 1, got ({sh}, {sw})")
-    if ph < 0 or pw < 0:
-        raise ValueError(f"padding must be >= 0, got ({ph}, {pw})")
-    oh = (height + 2 * ph - kh) // sh + 1
-    ow = (width + 2 * pw - kw) // sw + 1
-    if oh < 1 or ow < 1:
-        raise ValueError(
-            f"empty convolution output: input {height}x{width}, kernel {kh}x{kw}, "
-            f"stride ({sh}, {sw}), padding ({ph}, {pw}) gives {oh}x{ow}"
-        )
-    return oh, ow, sh, sw, ph, pw
-
-
-def _check_cols(cols: Any) -> tuple[int, ...]:
-    shape = tuple(cols.shape)
-    if len(shape) != 6:
-        raise ValueError(f"cols must have shape (N, C, kh, kw, OH, OW), got {shape}")
-    return shape
 
 
 def _check_image(x: Any) -> tuple[int, ...]:
@@ -92,90 +30,22 @@ def _check_image(x: Any) -> tuple[int, ...]:
     return shape
 
 
-def _check_col2im_shape(
-    cols_shape: tuple[int, ...], oh: int, ow: int, height: int, width: int
-) -> None:
-    if cols_shape[4:] != (oh, ow):
-        raise ValueError(
-            f"cols of shape {cols_shape} do not fit an output of {height}x{width}: "
-            f"the geometry gives OH, OW = {oh}, {ow}"
-        )
+def _check_cols(cols: Any) -> tuple[int, ...]:
+    shape = tuple(cols.shape)
+    if len(shape) != 6:
+        raise ValueError(f"cols must have shape (N, C, kh, kw, OH, OW), got {shape}")
+    return shape
 
 
-# ----------------------------------------------------------------------------------------------
-# array-API-only im2col / col2im (reference implementation, used by array_api_strict and cupy)
-# ----------------------------------------------------------------------------------------------
+def _inside(size: int, pad: int, offset: int, stride: int, n_out: int) -> tuple[int, int, int]:
+    """Outputs ``o`` in ``[lo, hi)`` whose input index ``o*stride + offset - pad`` is in the image.
 
-
-def im2col(
-    x: Any,
-    kh: int,
-    kw: int,
-    stride: int | Sequence[int] = (1, 1),
-    padding: int | Sequence[int] = (0, 0),
-    *,
-    xp: ModuleType | None = None,
-) -> Any:
-    """Unfold (N, C, H, W) images into (N, C, kh, kw, OH, OW) patches.
-
-    ``cols[n, c, i, j, oh, ow] = xpad[n, c, oh*sh + i, ow*sw + j]`` where ``xpad`` is ``x``
-    zero-padded by ``ph`` rows and ``pw`` columns on each side. The result is a new array with
-    the dtype of ``x``. Uses only the array API standard (zero buffer, basic slicing, stack).
+    Returns ``(lo, hi, first)`` with ``first`` the input index of output ``lo``; ``hi <= lo``
+    means that this kernel offset only ever sees padding.
     """
-    if xp is None:
-        xp = array_api_compat.array_namespace(x)
-    n, c, h, w = _check_image(x)
-    oh, ow, sh, sw, ph, pw = conv_output_size(h, w, kh, kw, stride, padding)
-    if ph or pw:
-        xpad = xp.zeros(
-            (n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype, device=array_api_compat.device(x)
-        )
-        xpad[:, :, ph : ph + h, pw : pw + w] = x
-    else:
-        xpad = x
-    h_span = sh * (oh - 1) + 1
-    w_span = sw * (ow - 1) + 1
-    patches = [
-        xpad[:, :, i : i + h_span : sh, j : j + w_span : sw] for i in range(kh) for j in range(kw)
-    ]
-    return xp.reshape(xp.stack(patches, axis=2), (n, c, kh, kw, oh, ow))
-
-
-def col2im(
-    cols: Any,
-    height: int,
-    width: int,
-    stride: int | Sequence[int] = (1, 1),
-    padding: int | Sequence[int] = (0, 0),
-    *,
-    xp: ModuleType | None = None,
-) -> Any:
-    """Adjoint of :func:`im2col`: fold (N, C, kh, kw, OH, OW) patches back to (N, C, H, W).
-
-    Every ``cols[n, c, i, j, oh, ow]`` is added into ``xpad[n, c, oh*sh + i, ow*sw + j]``; the
-    padded border is then dropped. Uses only the array API standard (basic-slice setitem).
-    """
-    if xp is None:
-        xp = array_api_compat.array_namespace(cols)
-    shape = _check_cols(cols)
-    n, c, kh, kw = shape[:4]
-    oh, ow, sh, sw, ph, pw = conv_output_size(height, width, kh, kw, stride, padding)
-    _check_col2im_shape(shape, oh, ow, height, width)
-    buf = xp.zeros(
-        (n, c, height + 2 * ph, width + 2 * pw),
-        dtype=cols.dtype,
-        device=array_api_compat.device(cols),
-    )
-    h_span = sh * (oh - 1) + 1
-    w_span = sw * (ow - 1) + 1
-    for i in range(kh):
-        for j in range(kw):
-            # within one (i, j) no target index repeats, so a plain read-add-write is exact
-            region = (slice(None), slice(None), slice(i, i + h_span, sh), slice(j, j + w_span, sw))
-            buf[region] = buf[region] + cols[:, :, i, j, :, :]
-    if ph or pw:
-        return buf[:, :, ph : ph + height, pw : pw + width]
-    return buf
+    lo = max(0, -((offset - pad) // stride))  # ceil((pad - offset) / stride), clipped at 0
+    hi = min(n_out, (size - 1 + pad - offset) // stride + 1)
+    return lo, hi, lo * stride + offset - pad
 
 
 # ----------------------------------------------------------------------------------------------
@@ -189,8 +59,6 @@ def to_host(obj: Any) -> Any:
     an array of a library without a backend here through DLPack; anything else passes."""
     if isinstance(obj, np.ndarray | np.generic) or not hasattr(obj, "__array_namespace__"):
         return obj
-    from . import backend_of  # the registry imports this module
-
     try:
         backend = backend_of(obj)
     except TypeError:
@@ -272,7 +140,7 @@ class Rng:
         """A random (semi-)orthogonal matrix, flattened over trailing axes (Saxe et al.):
         rows (``shape[0]``) orthonormal if fewer than columns, else columns orthonormal."""
         shape = _shape(shape)
-        rows, cols = shape[0], int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+        rows, cols = shape[0], math.prod(shape[1:])
         a = self.generator.normal(size=(max(rows, cols), min(rows, cols)))
         q, r = np.linalg.qr(a)
         q = q * np.sign(np.diag(r))  # a uniform (Haar) draw, not QR's sign convention
@@ -308,22 +176,29 @@ class Backend:
     device : object or None
         The device this backend creates arrays on (``device=`` of the namespace's creation
         functions); ``None``: the library's default (CuPy: the current CUDA device).
+    is_host : bool
+        Whether this backend's arrays are the host's own data format (NumPy): a new tensor made
+        from one goes to the current backend, as host data (a list) would.
+    scalar_type : type or None
+        The type of the library's scalars, which it returns for 0-d results (NumPy:
+        ``numpy.generic``); :func:`~miniresnet.backends.backend_of` counts them as this
+        backend's, :meth:`as_array` turns them into arrays and :meth:`python_scalar` into
+        Python scalars. ``None``: the library has none (the array API has none).
     """
 
     name: str
     xp: ModuleType
     array_type: type
     device: Any
+    is_host: bool = False
+    scalar_type: type | None = None
 
-    def __init__(self, name: str, xp: ModuleType, array_type: type, *, device: Any = None,
-                 im2col_impl: Callable | None = None, col2im_impl: Callable | None = None) -> None:
+    def __init__(self, name: str, xp: ModuleType, array_type: type, *, device: Any = None
+                 ) -> None:
         self.name = name
         self.xp = xp
         self.array_type = array_type
         self.device = device
-        # the conv kernels: the array-API versions below unless the library has faster ones
-        self._im2col = im2col_impl or functools.partial(im2col, xp=xp)
-        self._col2im = col2im_impl or functools.partial(col2im, xp=xp)
         self._dtypes: dict[str, Any] = dict(xp.__array_namespace_info__().dtypes())
         self._dtype_cache: dict[Any, Any] = {}
 
@@ -412,83 +287,118 @@ class Backend:
         """NumPy data of one of this backend's arrays (no copy where the memory is the host's)."""
         return np.from_dlpack(x)
 
+    def as_array(self, x: Any) -> Any:
+        """``x``, a result of this backend's namespace, as one of its arrays: a library scalar
+        (see :attr:`scalar_type`) becomes a 0-d array; anything else is returned as it is."""
+        return x
+
+    def python_scalar(self, x: Any) -> bool | int | float | None:
+        """The Python scalar that ``x`` stands for if it is a library scalar (see
+        :attr:`scalar_type`), else ``None``."""
+        return None
+
     # -- random numbers -------------------------------------------------------------------------
 
     def rng(self, seed: int | None = None) -> Rng:
         """A :class:`Rng` seeded with ``seed``, producing arrays of this backend."""
         return Rng(self, seed)
 
-    # -- convolution helpers --------------------------------------------------------------------
+    # -- convolution kernels ------------------------------------------------------------------
+    # Named like the ops they serve (miniresnet.ops.conv, conv_transpose, conv_weight_grad,
+    # im2col, col2im), on fixed ranks: images (N, C, H, W), filters (F, C, kh, kw). Each checks
+    # its geometry (:func:`~miniresnet.backends.conv_geometry`, named after the op). These use
+    # the array API only; a backend with faster kernels overrides them. ``saved`` is whatever
+    # :meth:`conv` returns beside its output (here the (N, C, kh, kw, OH, OW) patches): only the
+    # same backend's adjoints read it, to skip recomputing what the forward computed.
 
-    def im2col(
-        self,
-        x: Any,
-        kh: int,
-        kw: int,
-        stride: tuple[int, int] = (1, 1),
-        padding: tuple[int, int] = (0, 0),
-    ) -> Any:
-        """Unfold (N, C, H, W) into a new (N, C, kh, kw, OH, OW) array of patches.
+    def im2col(self, x: Any, kh: int, kw: int, stride: Any = (1, 1), padding: Any = (0, 0)
+               ) -> Any:
+        """Unfold (N, C, H, W) images into a new (N, C, kh, kw, OH, OW) array of patches.
 
         ``cols[n, c, i, j, oh, ow] = xpad[n, c, oh*sh + i, ow*sw + j]`` with ``xpad`` the input
         zero-padded by ``padding = (ph, pw)`` on both sides; ``OH = (H + 2 ph - kh) // sh + 1``
-        and likewise ``OW``. Raises ``ValueError`` for a bad geometry or an empty output.
+        and likewise ``OW``. The result has the dtype of ``x``.
         """
-        return self._im2col(x, kh, kw, stride, padding)
+        n, c, h, w = _check_image(x)
+        (sh, sw), (ph, pw), (oh, ow) = conv_geometry("im2col", (h, w), (kh, kw), stride, padding)
+        if ph or pw:
+            xpad = self.xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype,
+                                 device=array_api_compat.device(x))
+            xpad[:, :, ph : ph + h, pw : pw + w] = x
+        else:
+            xpad = x
+        h_span, w_span = sh * (oh - 1) + 1, sw * (ow - 1) + 1
+        patches = [xpad[:, :, i : i + h_span : sh, j : j + w_span : sw]
+                   for i in range(kh) for j in range(kw)]
+        return self.xp.reshape(self.xp.stack(patches, axis=2), (n, c, kh, kw, oh, ow))
 
-    def col2im(
-        self,
-        cols: Any,
-        height: int,
-        width: int,
-        stride: tuple[int, int] = (1, 1),
-        padding: tuple[int, int] = (0, 0),
-    ) -> Any:
-        """The adjoint of :meth:`im2col`: sum (N, C, kh, kw, OH, OW) patches into (N, C, H, W).
+    def col2im(self, cols: Any, height: int, width: int, stride: Any = (1, 1),
+               padding: Any = (0, 0), *, out: Any = None) -> Any:
+        """The adjoint of :meth:`im2col`: sum (N, C, kh, kw, OH, OW) patches into (N, C, height,
+        width) images; ``<col2im(y), x> == <y, im2col(x)>`` up to rounding.
 
-        ``<col2im(y), x> == <y, im2col(x)>`` up to rounding. Raises ``ValueError`` if the shape of
-        ``cols`` does not match the geometry.
+        Each kernel offset (i, j) is added with one in-place ``+=`` into the strided slice of
+        image pixels it reads (within one offset no pixel repeats, so the sum is exact), clipped
+        to the pixels inside the image. ``out``, if given, is the zero (N, C, height, width)
+        array to add into (a backend may want a memory layout); by default a new one.
         """
-        return self._col2im(cols, height, width, stride, padding)
+        shape = _check_cols(cols)
+        n, c, kh, kw = shape[:4]
+        (sh, sw), (ph, pw), (oh, ow) = conv_geometry("col2im", (height, width), (kh, kw),
+                                                     stride, padding, shape[4:])
+        if out is None:
+            out = self.xp.zeros((n, c, height, width), dtype=cols.dtype,
+                                device=array_api_compat.device(cols))
+        for i in range(kh):
+            r_lo, r_hi, r0 = _inside(height, ph, i, sh, oh)
+            if r_hi <= r_lo:
+                continue
+            rows = slice(r0, r0 + (r_hi - r_lo - 1) * sh + 1, sh)
+            for j in range(kw):
+                c_lo, c_hi, c0 = _inside(width, pw, j, sw, ow)
+                if c_hi <= c_lo:
+                    continue
+                columns = slice(c0, c0 + (c_hi - c_lo - 1) * sw + 1, sw)
+                out[:, :, rows, columns] += cols[:, :, i, j, r_lo:r_hi, c_lo:c_hi]
+        return out
 
-    # -- convolution kernels (conv2d and its two adjoints) -------------------------------------
-    # The generic versions go through im2col / col2im and tensordot; backends with faster
-    # kernels override them. ``saved`` is whatever :meth:`conv2d` returns beside its output
-    # (here the (N, C, kh, kw, OH, OW) patches): only the same backend's adjoints read it, to
-    # skip recomputing what the forward computed.
-
-    def conv2d(self, x: Any, w: Any, stride: tuple[int, int] = (1, 1),
-               padding: tuple[int, int] = (0, 0), keep: bool = True) -> tuple[Any, Any]:
+    def conv(self, x: Any, w: Any, stride: Any = (1, 1), padding: Any = (0, 0),
+             keep: bool = True) -> tuple[Any, Any]:
         """Cross-correlate (N, C, H, W) images with (F, C, kh, kw) filters.
 
-        Returns ``(out, saved)``: the (N, F, OH, OW) result and the patches for
-        :meth:`conv2d_weight_grad` (``None`` with ``keep=False``, when no filter gradient will
-        be asked for, which lets a backend use a kernel that makes no patches).
+        Returns ``(out, saved)``: the (N, F, OH, OW) result and what :meth:`conv_transpose` and
+        :meth:`conv_weight_grad` may reuse (``None`` with ``keep=False``, when no filter
+        gradient will be asked for, which lets a backend use a kernel that makes no patches).
         """
+        _, _, h, wd = _check_image(x)
+        stride, padding, _ = conv_geometry("conv", (h, wd), w.shape[2:], stride, padding)
         cols = self.im2col(x, w.shape[2], w.shape[3], stride, padding)
         out = self.xp.tensordot(cols, w, axes=([1, 2, 3], [1, 2, 3]))  # N, OH, OW, F
         return self.xp.permute_dims(out, (0, 3, 1, 2)), cols if keep else None
 
-    def conv2d_input_grad(self, g: Any, w: Any, height: int, width: int,
-                          stride: tuple[int, int] = (1, 1),
-                          padding: tuple[int, int] = (0, 0), saved: Any = None) -> Any:
-        """The adjoint of :meth:`conv2d` in its input: (N, F, OH, OW) -> (N, C, height, width).
+    def conv_transpose(self, g: Any, w: Any, height: int, width: int, stride: Any = (1, 1),
+                       padding: Any = (0, 0), saved: Any = None) -> Any:
+        """The adjoint of :meth:`conv` in its input: (N, F, OH, OW) -> (N, C, height, width).
 
-        ``saved`` (from :meth:`conv2d` with the same ``w``) may let a backend skip work.
+        ``saved`` (from :meth:`conv` with the same ``w``) may let a backend skip work.
         """
+        stride, padding, _ = conv_geometry("conv_transpose", (height, width), w.shape[2:],
+                                           stride, padding, g.shape[-2:])
         cols = self.xp.tensordot(g, w, axes=([1], [0]))  # N, OH, OW, C, kh, kw
         cols = self.xp.permute_dims(cols, (0, 3, 4, 5, 1, 2))
         return self.col2im(cols, height, width, stride, padding)
 
-    def conv2d_weight_grad(self, x: Any, g: Any, kh: int, kw: int,
-                           stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
-                           saved: Any = None) -> Any:
-        """The adjoint of :meth:`conv2d` in its filters.
+    def conv_weight_grad(self, x: Any, g: Any, kh: int, kw: int, stride: Any = (1, 1),
+                         padding: Any = (0, 0), saved: Any = None) -> Any:
+        """The adjoint of :meth:`conv` in its filters.
 
         ``x`` is (N, C, H, W) and ``g`` is (*B, N, F, OH, OW) (``B``: any leading batch axes,
-        a stack of cotangents); returns (*B, F, C, kh, kw). ``saved`` (from :meth:`conv2d` on
+        a stack of cotangents); returns (*B, F, C, kh, kw). ``saved`` (from :meth:`conv` on
         the same ``x``) skips recomputing the patches.
         """
+        _, _, h, wd = _check_image(x)
+        stride, padding, _ = conv_geometry("conv_weight_grad", (h, wd), (kh, kw), stride,
+                                           padding, g.shape[-2:])
         cols = saved if saved is not None else self.im2col(x, kh, kw, stride, padding)
         nd = len(g.shape)
         return self.xp.tensordot(g, cols, axes=([nd - 4, nd - 2, nd - 1], [0, 4, 5]))

@@ -3,9 +3,9 @@
 Training allocates and frees arrays of the same few sizes over and over. With glibc's default
 settings, blocks above a dynamic threshold are fresh ``mmap`` s and the top of the heap is
 trimmed back to the OS after frees, so the next array of that size page-faults all of its
-memory in again; on virtual machines that costs as much as the arithmetic (measured here: a
-ResNet-20 step on 3x32x32 inputs took 2x as long). :func:`tune` raises the mmap threshold to
-glibc's maximum (32 MiB) and stops heap trimming: freed memory stays in the process for reuse.
+memory in again; on virtual machines that can cost as much as the arithmetic. :func:`tune`
+raises the mmap threshold to glibc's maximum (32 MiB) and stops heap trimming: freed memory
+stays in the process for reuse.
 
 It is applied once, when the NumPy backend is first created, on glibc systems only; set the
 environment variable ``MINIRESNET_TUNE_MALLOC=0`` to leave the allocator alone. The cost is that

@@ -1,96 +1,33 @@
-"""NumPy backend: ``array_api_compat.numpy`` plus fast convolution kernels.
+"""NumPy backend: ``array_api_compat.numpy`` plus fast convolution kernels, and NumPy's quirks.
 
-im2col is a view of the conv kernels' channel-major patches (kh * kw strided slice copies of a
-zero-padded input, see :func:`_patches`). col2im adds each of the kh * kw kernel offsets into an
-unpadded (N, C, H, W) zero buffer with an in-place strided ``+=`` restricted to the rows and
-columns that land inside the image (within one offset no target index repeats, so the ``+=`` is
-exact and no ``np.add.at`` is needed). Both beat the array-API-only versions in :mod:`._generic`
-(N=32, C=16, H=W=32, k=3, s=1, p=1); the test module checks that they agree.
+The kernels keep the patches channel-major, (C kh kw, N OH OW), so that each product is one GEMM
+on 2-D arrays; im2col is a view of those patches. col2im is the shared one of
+:class:`._generic.Backend`. The test module checks every path here against the array-API-only
+kernels.
+
+NumPy's quirks stay here, behind :class:`._generic.Backend` hooks: its 0-d results are scalars
+(``numpy.float64``, see :attr:`NumpyBackend.scalar_type`, :meth:`NumpyBackend.as_array` and
+:meth:`NumpyBackend.python_scalar`), and its arrays are the host's own data format
+(:attr:`NumpyBackend.is_host`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
 from typing import Any
 
 import array_api_compat.numpy as xp_numpy
 import numpy as np
 
 from . import _malloc
-from ._generic import (
-    Backend,
-    _check_col2im_shape,
-    _check_cols,
-    _check_image,
-    conv_output_size,
-    to_host,
-)
+from ._generic import Backend, _check_image, to_host
+from ._geometry import conv_geometry, conv_output_size
 
-__all__ = [
-    "NumpyBackend", "check_available", "col2im", "conv2d", "conv2d_input_grad",
-    "conv2d_weight_grad", "im2col", "make_backend",
-]
+__all__ = ["NumpyBackend", "check_available", "make_backend"]
 
 
-def _inside(size: int, pad: int, offset: int, stride: int, n_out: int) -> tuple[int, int, int]:
-    """Outputs ``o`` in ``[lo, hi)`` whose input index ``o*stride + offset - pad`` is in the image.
-
-    Returns ``(lo, hi, first)`` with ``first`` the input index of output ``lo``; ``hi <= lo``
-    means that this kernel offset only ever sees padding.
-    """
-    lo = max(0, -((offset - pad) // stride))  # ceil((pad - offset) / stride), clipped at 0
-    hi = min(n_out, (size - 1 + pad - offset) // stride + 1)
-    return lo, hi, lo * stride + offset - pad
-
-
-def im2col(
-    x: np.ndarray,
-    kh: int,
-    kw: int,
-    stride: int | Sequence[int] = (1, 1),
-    padding: int | Sequence[int] = (0, 0),
-) -> np.ndarray:
-    """Fast NumPy im2col; same contract as :func:`._generic.im2col`: the (N, C, kh, kw, OH, OW)
-    view of the channel-major patches that the conv kernels below use (:func:`_patches`)."""
-    return _patches(np.asarray(x), kh, kw, stride, padding).transpose(3, 0, 1, 2, 4, 5)
-
-
-def col2im(
-    cols: Any,
-    height: int,
-    width: int,
-    stride: int | Sequence[int] = (1, 1),
-    padding: int | Sequence[int] = (0, 0),
-    *,
-    zeros: Callable[..., Any] = np.zeros,
-) -> Any:
-    """Fast in-place-add col2im; same contract as :func:`._generic.col2im`.
-
-    ``zeros`` allocates the result; any library whose arrays support NumPy-style in-place
-    ``+=`` on basic-slice views works (NumPy, CuPy).
-    """
-    shape = _check_cols(cols)
-    n, c, kh, kw = shape[:4]
-    oh, ow, sh, sw, ph, pw = conv_output_size(height, width, kh, kw, stride, padding)
-    _check_col2im_shape(shape, oh, ow, height, width)
-    out = zeros((n, c, height, width), dtype=cols.dtype)
-    for i in range(kh):
-        r_lo, r_hi, r0 = _inside(height, ph, i, sh, oh)
-        if r_hi <= r_lo:
-            continue
-        rows = slice(r0, r0 + (r_hi - r_lo - 1) * sh + 1, sh)
-        for j in range(kw):
-            c_lo, c_hi, c0 = _inside(width, pw, j, sw, ow)
-            if c_hi <= c_lo:
-                continue
-            columns = slice(c0, c0 + (c_hi - c_lo - 1) * sw + 1, sw)
-            out[:, :, rows, columns] += cols[:, :, i, j, r_lo:r_hi, c_lo:c_hi]
-    return out
-
-
-# -- conv2d kernels ----------------------------------------------------------------------------
-# conv2d and its adjoints keep the patches channel-major, (C kh kw, N OH OW), so that each
+# -- conv kernels ------------------------------------------------------------------------------
+# conv and its adjoints keep the patches channel-major, (C kh kw, N OH OW), so that each
 # product is one GEMM on 2-D arrays: out = W (F, C kh kw) @ cols. The (N, F, OH, OW) results are
 # transposed views of (F, N, OH, OW) buffers; fed to the next conv, that layout makes its input
 # transpose free. Patches are built with kh * kw strided slice copies (contiguous runs of OW
@@ -110,11 +47,13 @@ def _chunks(n: int, per_image: int) -> list[tuple[int, int]]:
     return [(a, min(n, a + step)) for a in range(0, n, step)]
 
 
-def _patches(x: np.ndarray, kh: int, kw: int, stride: Sequence[int], padding: Sequence[int]
-             ) -> np.ndarray:
-    """Channel-major patches (C, kh, kw, N, OH, OW) of (N, C, H, W) images."""
-    n, c, h, w = _check_image(x)
-    oh, ow, sh, sw, ph, pw = conv_output_size(h, w, kh, kw, stride, padding)
+def _patches(x: np.ndarray, kh: int, kw: int, stride: tuple[int, int],
+             padding: tuple[int, int]) -> np.ndarray:
+    """Channel-major patches (C, kh, kw, N, OH, OW) of (N, C, H, W) images (geometry checked
+    by the caller)."""
+    n, c, h, w = x.shape
+    (sh, sw), (ph, pw) = stride, padding
+    oh, ow = conv_output_size(h, kh, sh, ph), conv_output_size(w, kw, sw, pw)
     xt = x.transpose(1, 0, 2, 3)
     if (sh, sw) == (1, 1) and ow <= 8:  # short rows: see _patches_stride1
         return _patches_stride1(xt, kh, kw, oh, ow, ph, pw)
@@ -162,13 +101,13 @@ def _patches_stride1(xt: np.ndarray, kh: int, kw: int, oh: int, ow: int, ph: int
     return cols
 
 
-def _conv(x: np.ndarray, w: np.ndarray, stride: Sequence[int], padding: Sequence[int],
-          keep: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
-    """(output, patch chunks); with ``keep=False`` no chunk is kept, so that each one's memory
-    is reused (still in cache) by the next."""
+def _conv_patches(x: np.ndarray, w: np.ndarray, stride: tuple[int, int],
+                  padding: tuple[int, int], oh: int, ow: int, keep: bool = True
+                  ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """conv by the patch GEMM: (output, patch chunks); with ``keep=False`` no chunk is kept, so
+    that each one's memory is reused (still in cache) by the next."""
     f, c, kh, kw = w.shape
-    n, _, h, wd = x.shape
-    oh, ow = conv_output_size(h, wd, kh, kw, stride, padding)[:2]
+    n = x.shape[0]
     w2 = w.reshape(f, c * kh * kw)
     ranges = _chunks(n, c * kh * kw * oh * ow)
     saved = []
@@ -224,9 +163,9 @@ def _conv_rows(x: np.ndarray, w: np.ndarray, ph: int, pw: int) -> np.ndarray:
 # patch GEMM but copies no patches, and patch copies cost as much as a few dozen multiply-adds
 # per element: on small images (and for large stacks of cotangents, which amortise building the
 # matrix) it is the cheaper way. :func:`_dense_cheaper` picks with a rough cost model whose two
-# constants are this kind of machine's seconds per copied patch element and per flop (the
-# crossovers it gives matched measurements within ~20%); where the alternative is the stride-1
-# kernel :func:`_conv_rows` (kw long copies, kh skinny GEMMs), its own two constants apply.
+# constants are this kind of machine's seconds per copied patch element and per flop; where the
+# alternative is the stride-1 kernel :func:`_conv_rows` (kw long copies, kh skinny GEMMs), its
+# own two constants apply.
 TOEPLITZ_MAX = 1 << 22  # largest dense matrix (elements) ever built
 COPY_S, FLOP_S = 2.5e-9, 1e-11
 ROWS_COPY_S, ROWS_FLOP_S = 1.5e-9, 2.5e-11  # _conv_rows: long copies, skinny GEMMs
@@ -236,7 +175,7 @@ def _dense_cheaper(n: int, c: int, h: int, w: int, f: int, kh: int, kw: int, oh:
                    build: bool = True, rows: tuple[int, int, int, int] | None = None) -> bool:
     """Whether the dense product beats the patch GEMM (or, given ``rows=(input channels,
     output channels, padded height, output width)`` of a :func:`_conv_rows` call, that kernel)
-    for conv2d on (n, c, h, w) inputs with (f, c, kh, kw) filters."""
+    for conv on (n, c, h, w) inputs with (f, c, kh, kw) filters."""
     size = c * h * w * f * oh * ow
     if size > TOEPLITZ_MAX:
         return False
@@ -260,12 +199,11 @@ def _placement(h: int, w: int, kh: int, kw: int, stride: tuple[int, int],
     return s
 
 
-def _toeplitz(w: np.ndarray, h: int, wd: int, stride: Sequence[int], padding: Sequence[int]
-              ) -> np.ndarray:
-    """The (C H W, F OH OW) matrix of conv2d with filters ``w`` on H x W images."""
+def _toeplitz(w: np.ndarray, h: int, wd: int, stride: tuple[int, int],
+              padding: tuple[int, int], oh: int, ow: int) -> np.ndarray:
+    """The (C H W, F OH OW) matrix of conv with filters ``w`` on H x W images."""
     f, c, kh, kw = w.shape
-    oh, ow = conv_output_size(h, wd, kh, kw, stride, padding)[:2]
-    s = _placement(h, wd, kh, kw, tuple(stride), tuple(padding)).astype(w.dtype, copy=False)
+    s = _placement(h, wd, kh, kw, stride, padding).astype(w.dtype, copy=False)
     t = (w.reshape(f * c, kh * kw) @ s).reshape(f, c, h * wd, oh * ow)
     return t.transpose(1, 2, 0, 3).reshape(c * h * wd, f * oh * ow)
 
@@ -273,7 +211,7 @@ def _toeplitz(w: np.ndarray, h: int, wd: int, stride: Sequence[int], padding: Se
 def _channel_major(a: np.ndarray) -> np.ndarray:
     """(N, C, H, W) ``a`` copied into channel-major memory, as the patch kernels return it:
     batch norm's per-channel reductions and broadcasts then run over long contiguous runs
-    instead of H W-element ones (measured: 2-5% of a ResNet-20 step on 8 x 8 images)."""
+    instead of H W-element ones."""
     return np.ascontiguousarray(a.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
 
 
@@ -283,109 +221,18 @@ def _zeros_channel_major(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return np.zeros((c, n, h, w), dtype=dtype).transpose(1, 0, 2, 3)
 
 
-def _geometry(x_shape, w_shape, stride, padding):
-    n, c, h, wd = x_shape
-    f, _, kh, kw = w_shape
-    oh, ow = conv_output_size(h, wd, kh, kw, stride, padding)[:2]
-    return n, c, h, wd, f, kh, kw, oh, ow
-
-
-def conv2d(x: Any, w: Any, stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
-           keep: bool = True) -> tuple[np.ndarray, dict | None]:
-    """Fast NumPy conv2d; same contract as :meth:`._generic.Backend.conv2d` (``saved`` is a dict
-    with the patch chunks or the dense matrix)."""
-    x, w = np.asarray(x), np.asarray(w)
-    n, c, h, wd, f, kh, kw, oh, ow = _geometry(x.shape, w.shape, stride, padding)
-    rows = not keep and tuple(stride) == (1, 1)
-    if _dense_cheaper(n, c, h, wd, f, kh, kw, oh, ow,
-                      rows=(c, f, h + 2 * padding[0], ow) if rows else None):
-        t = _toeplitz(w, h, wd, stride, padding)
-        x2 = x.reshape(n, c * h * wd)
-        out = _channel_major((x2 @ t).reshape(n, f, oh, ow))
-        return out, {"toeplitz": t, "x2": x2} if keep else None
-    if rows:
-        return _conv_rows(x, w, *padding), None
-    out, cols = _conv(x, w, stride, padding, keep)
-    return out, {"cols": cols} if keep else None
-
-
-def conv2d_input_grad(g: Any, w: Any, height: int, width: int,
-                      stride: Sequence[int] = (1, 1), padding: Sequence[int] = (0, 0),
-                      saved: Any = None) -> np.ndarray:
-    """Fast NumPy adjoint of conv2d in its input (``saved``: from :func:`conv2d` with ``w``)."""
-    g, w = np.asarray(g), np.asarray(w)
-    n, f, oh, ow = g.shape
-    c, kh, kw = w.shape[1:]
-    _, _, sh, sw, ph, pw = conv_output_size(height, width, kh, kw, stride, padding)
-    t = saved.get("toeplitz") if saved else None
-    rows = (sh, sw) == (1, 1) and ph < kh and pw < kw
-    if t is not None or _dense_cheaper(n, c, height, width, f, kh, kw, oh, ow,
-                                       rows=(f, c, height + kh - 1, width) if rows else None):
-        if t is None:
-            t = _toeplitz(w, height, width, stride, padding)
-        return _channel_major((g.reshape(n, f * oh * ow) @ t.T).reshape(n, c, height, width))
-    if rows:
-        flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
-        return _conv_rows(g, flipped, kh - 1 - ph, kw - 1 - pw)
-    gt = g.transpose(1, 0, 2, 3).reshape(f, n * oh * ow)
-    cols = (w.reshape(f, c * kh * kw).T @ gt).reshape(c, kh, kw, n, oh, ow)
-    return col2im(cols.transpose(3, 0, 1, 2, 4, 5), height, width, stride, padding,
-                  zeros=_zeros_channel_major)
-
-
-def conv2d_weight_grad(x: Any, g: Any, kh: int, kw: int, stride: Sequence[int] = (1, 1),
-                       padding: Sequence[int] = (0, 0), saved: Any = None) -> np.ndarray:
-    """Fast NumPy adjoint of conv2d in its filters (one GEMM per chunk, over every batch
-    axis of ``g`` at once)."""
-    g = np.asarray(g)
-    n, c, h, wd = np.shape(x)
-    lead, f, oh, ow = g.shape[:-4], g.shape[-3], g.shape[-2], g.shape[-1]
-    dense = "x2" in saved if saved else _dense_cheaper(n, c, h, wd, f, kh, kw, oh, ow, False)
-    if dense:
-        x2 = saved["x2"] if saved else np.asarray(x).reshape(n, c * h * wd)
-        dt = np.matmul(x2.T, g.reshape(*lead, n, f * oh * ow))  # (*B, C H W, F OH OW)
-        dt = np.moveaxis(dt.reshape(*lead, c, h * wd, f, oh * ow), -2, -4)  # (*B, F, C, HW, L)
-        s = _placement(h, wd, kh, kw, tuple(stride), tuple(padding)).astype(g.dtype, copy=False)
-        return (dt.reshape(-1, h * wd * oh * ow) @ s.T).reshape(*lead, f, c, kh, kw)
-    ranges = _chunks(n, c * kh * kw * oh * ow)
-    cols_list = saved.get("cols") if saved else None
-    if cols_list is None or len(cols_list) != len(ranges):
-        x = np.asarray(x)
-        cols_list = [_patches(x[a:b], kh, kw, stride, padding).reshape(c * kh * kw, -1)
-                     for a, b in ranges]
-    gt = np.moveaxis(g, -3, -4)  # (*B, F, N, OH, OW)
-    dw = None
-    for (a, b), cols in zip(ranges, cols_list, strict=True):
-        part = gt[..., a:b, :, :].reshape(-1, (b - a) * oh * ow) @ cols.T
-        dw = part if dw is None else dw + part
-    assert dw is not None
-    return dw.reshape(*lead, f, c, kh, kw)
-
-
 class NumpyBackend(Backend):
-    """NumPy arrays through ``array_api_compat.numpy``, with the fast conv helpers above.
+    """NumPy arrays through ``array_api_compat.numpy``, with the fast conv kernels above.
 
     NumPy scalars (``numpy.float64`` ... as returned by full reductions) count as this
     backend's arrays for :func:`miniresnet.backends.backend_of`.
     """
 
+    is_host = True  # NumPy arrays are host data
+    scalar_type = np.generic
+
     def __init__(self) -> None:
-        super().__init__("numpy", xp_numpy, np.ndarray, im2col_impl=im2col,
-                         col2im_impl=lambda cols, *geometry: col2im(np.asarray(cols), *geometry))
-
-    def conv2d(self, x: Any, w: Any, stride: tuple[int, int] = (1, 1),
-               padding: tuple[int, int] = (0, 0), keep: bool = True) -> tuple[Any, Any]:
-        return conv2d(x, w, stride, padding, keep)
-
-    def conv2d_input_grad(self, g: Any, w: Any, height: int, width: int,
-                          stride: tuple[int, int] = (1, 1),
-                          padding: tuple[int, int] = (0, 0), saved: Any = None) -> Any:
-        return conv2d_input_grad(g, w, height, width, stride, padding, saved)
-
-    def conv2d_weight_grad(self, x: Any, g: Any, kh: int, kw: int,
-                           stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
-                           saved: Any = None) -> Any:
-        return conv2d_weight_grad(x, g, kh, kw, stride, padding, saved)
+        super().__init__("numpy", xp_numpy, np.ndarray)
 
     def asarray(self, obj: Any, dtype: Any = None, *, copy: bool | None = None) -> np.ndarray:
         if dtype is not None:
@@ -394,6 +241,90 @@ class NumpyBackend(Backend):
 
     def _host(self, x: np.ndarray) -> np.ndarray:
         return x
+
+    def as_array(self, x: Any) -> Any:
+        return np.asarray(x) if isinstance(x, np.generic) else x  # NumPy's 0-d results
+
+    def python_scalar(self, x: Any) -> bool | int | float | None:
+        return x.item() if isinstance(x, np.generic) else None
+
+    def im2col(self, x: Any, kh: int, kw: int, stride: Any = (1, 1), padding: Any = (0, 0)
+               ) -> np.ndarray:
+        """A view of the channel-major patches (:func:`_patches`) as (N, C, kh, kw, OH, OW)."""
+        x = np.asarray(x)
+        _, _, h, w = _check_image(x)
+        stride, padding, _ = conv_geometry("im2col", (h, w), (kh, kw), stride, padding)
+        return _patches(x, kh, kw, stride, padding).transpose(3, 0, 1, 2, 4, 5)
+
+    def conv(self, x: Any, w: Any, stride: Any = (1, 1), padding: Any = (0, 0),
+             keep: bool = True) -> tuple[np.ndarray, dict | None]:
+        """``saved`` is a dict with the patch chunks or the dense matrix."""
+        x, w = np.asarray(x), np.asarray(w)
+        n, c, h, wd = _check_image(x)
+        f, _, kh, kw = w.shape
+        stride, padding, (oh, ow) = conv_geometry("conv", (h, wd), (kh, kw), stride, padding)
+        rows = not keep and stride == (1, 1)
+        if _dense_cheaper(n, c, h, wd, f, kh, kw, oh, ow,
+                          rows=(c, f, h + 2 * padding[0], ow) if rows else None):
+            t = _toeplitz(w, h, wd, stride, padding, oh, ow)
+            x2 = x.reshape(n, c * h * wd)
+            out = _channel_major((x2 @ t).reshape(n, f, oh, ow))
+            return out, {"toeplitz": t, "x2": x2} if keep else None
+        if rows:
+            return _conv_rows(x, w, *padding), None
+        out, cols = _conv_patches(x, w, stride, padding, oh, ow, keep)
+        return out, {"cols": cols} if keep else None
+
+    def conv_transpose(self, g: Any, w: Any, height: int, width: int, stride: Any = (1, 1),
+                       padding: Any = (0, 0), saved: Any = None) -> np.ndarray:
+        g, w = np.asarray(g), np.asarray(w)
+        n, f, oh, ow = g.shape
+        c, kh, kw = w.shape[1:]
+        stride, padding, _ = conv_geometry("conv_transpose", (height, width), (kh, kw), stride,
+                                           padding, (oh, ow))
+        (ph, pw) = padding
+        t = saved.get("toeplitz") if saved else None
+        rows = stride == (1, 1) and ph < kh and pw < kw
+        if t is not None or _dense_cheaper(n, c, height, width, f, kh, kw, oh, ow,
+                                           rows=(f, c, height + kh - 1, width) if rows else None):
+            if t is None:
+                t = _toeplitz(w, height, width, stride, padding, oh, ow)
+            return _channel_major((g.reshape(n, f * oh * ow) @ t.T).reshape(n, c, height, width))
+        if rows:  # the input gradient is a conv of g with the flipped, transposed filters
+            flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+            return _conv_rows(g, flipped, kh - 1 - ph, kw - 1 - pw)
+        gt = g.transpose(1, 0, 2, 3).reshape(f, n * oh * ow)
+        cols = (w.reshape(f, c * kh * kw).T @ gt).reshape(c, kh, kw, n, oh, ow)
+        return self.col2im(cols.transpose(3, 0, 1, 2, 4, 5), height, width, stride, padding,
+                           out=_zeros_channel_major((n, c, height, width), cols.dtype))
+
+    def conv_weight_grad(self, x: Any, g: Any, kh: int, kw: int, stride: Any = (1, 1),
+                         padding: Any = (0, 0), saved: Any = None) -> np.ndarray:
+        """One GEMM per chunk, over every batch axis of ``g`` at once."""
+        x, g = np.asarray(x), np.asarray(g)
+        n, c, h, wd = _check_image(x)
+        lead, f, oh, ow = g.shape[:-4], g.shape[-3], g.shape[-2], g.shape[-1]
+        stride, padding, _ = conv_geometry("conv_weight_grad", (h, wd), (kh, kw), stride,
+                                           padding, (oh, ow))
+        dense = "x2" in saved if saved else _dense_cheaper(n, c, h, wd, f, kh, kw, oh, ow, False)
+        if dense:
+            x2 = saved["x2"] if saved else x.reshape(n, c * h * wd)
+            dt = np.matmul(x2.T, g.reshape(*lead, n, f * oh * ow))  # (*B, C H W, F OH OW)
+            dt = np.moveaxis(dt.reshape(*lead, c, h * wd, f, oh * ow), -2, -4)  # (*B, F, C, HW, L)
+            s = _placement(h, wd, kh, kw, stride, padding).astype(g.dtype, copy=False)
+            return (dt.reshape(-1, h * wd * oh * ow) @ s.T).reshape(*lead, f, c, kh, kw)
+        ranges = _chunks(n, c * kh * kw * oh * ow)
+        cols_list = saved.get("cols") if saved else None
+        if cols_list is None or len(cols_list) != len(ranges):
+            cols_list = [_patches(x[a:b], kh, kw, stride, padding).reshape(c * kh * kw, -1)
+                         for a, b in ranges]
+        gt = np.moveaxis(g, -3, -4)  # (*B, F, N, OH, OW)
+        dw = None
+        for (a, b), cols in zip(ranges, cols_list, strict=True):
+            part = gt[..., a:b, :, :].reshape(-1, (b - a) * oh * ow) @ cols.T
+            dw = part if dw is None else dw + part
+        assert dw is not None
+        return dw.reshape(*lead, f, c, kh, kw)
 
 
 def check_available() -> tuple[bool, str]:

@@ -1,4 +1,4 @@
-"""array-api-strict backend: the reference array API namespace, with the generic conv helpers.
+"""array-api-strict backend: the reference array API namespace, with the generic conv kernels.
 
 array-api-strict wraps NumPy but allows only what the standard allows, which makes it the
 backend that proves the engine uses nothing beyond the standard. It is slow; use it in tests.
@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ._generic import Backend, BackendUnavailable
+from ._generic import Backend
+from ._registry import BackendUnavailable
 
 __all__ = ["StrictBackend", "check_available", "make_backend"]
 
@@ -33,8 +34,8 @@ else:
 
 
 class StrictBackend(Backend):
-    """``array_api_strict`` arrays on one device (default: its CPU device); im2col / col2im use
-    the array-API-only implementation."""
+    """``array_api_strict`` arrays on one device (default: its CPU device), with the
+    array-API-only conv kernels."""
 
     def __init__(self, xp: ModuleType, device: str | None = None) -> None:
         self._cpu = xp.__array_namespace_info__().default_device()

@@ -6,11 +6,12 @@ array operations (``miniresnet.ops``, also exported here), neural-network functi
 (:mod:`miniresnet.functional`) and swappable backends (:func:`use_backend`).
 """
 
-from miniresnet import functional, ops
+from miniresnet import functional, normalization, ops
 from miniresnet import primitives as _primitives  # noqa: F401  (registers the primitive table)
+from miniresnet.backend_choice import current_backend, use_backend
 from miniresnet.backends import BackendUnavailable, available_backends, get_backend
-from miniresnet.config import current_backend, to_backend, to_numpy, use_backend
-from miniresnet.creation import ones, tensor, zeros
+from miniresnet.creation import ones, tensor, to_backend, to_numpy, zeros
+from miniresnet.normalization import *  # noqa: F403
 from miniresnet.ops import *  # noqa: F403
 from miniresnet.tracing import Primitive, Tensor, bind, detect_anomaly, is_grad_enabled, no_grad
 from miniresnet.transforms import grad, hvp, jacobian, jvp, value_and_grad, vjp
@@ -21,5 +22,5 @@ __all__ = [
     "BackendUnavailable", "Primitive", "Tensor", "available_backends", "bind", "current_backend",
     "detect_anomaly", "functional", "get_backend", "grad", "hvp", "is_grad_enabled", "jacobian",
     "jvp", "no_grad", "ones", "ops", "tensor", "to_backend", "to_numpy", "use_backend",
-    "value_and_grad", "vjp", "zeros", *ops.__all__,
+    "value_and_grad", "vjp", "zeros", *ops.__all__, *normalization.__all__,
 ]

@@ -33,15 +33,11 @@ Examples
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
-import re
-import secrets
-import stat
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -53,8 +49,10 @@ import safetensors.numpy
 from numpy.lib import format as npy_format
 from safetensors import SafetensorError, safe_open
 
+from miniresnet.backend_choice import current_backend
 from miniresnet.backends import Backend, backend_of
-from miniresnet.config import current_backend, to_numpy
+from miniresnet.creation import to_numpy
+from miniresnet.files import write_atomic
 from miniresnet.nn.models import (
     build_model,
     short_repr,
@@ -207,67 +205,6 @@ def _model_backend(model: Module) -> Backend:
     return current_backend()
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename durable (POSIX); a no-op where directories cannot be opened."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete the temporary files of saves to ``path`` whose process no longer exists (killed
-    mid-write); those of live processes may still be in use and are kept."""
-    if os.name != "posix":  # elsewhere os.kill(pid, 0) does not test, it terminates
-        return
-    pattern = re.compile(re.escape(f".{path.name}.") + r"(\d{1,10})\.[0-9a-f]+\.tmp")
-    with contextlib.suppress(OSError):
-        for name in os.listdir(path.parent):
-            if (match := pattern.fullmatch(name)) is None:
-                continue
-            try:
-                os.kill(int(match.group(1)), 0)
-            except ProcessLookupError:
-                with contextlib.suppress(OSError):
-                    os.unlink(path.parent / name)
-            except (OSError, OverflowError):  # alive but not ours, or not a process id
-                pass
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path`` named after this process, fsync it,
-    then rename it onto ``path``.
-
-    On any error the temporary file is removed and an existing ``path`` is untouched; an
-    ``OSError`` names the target folder.
-    """
-    _remove_stale_temporaries(path)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    try:
-        try:  # keep the permissions of the file replaced; a new one gets the umask's
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except FileNotFoundError:
-            mode = None
-        permissions = 0o666 if mode is None else 0o600
-        with open(tmp, "xb", opener=lambda file, flags: os.open(file, flags, permissions)) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise OSError(e.errno, f"save_checkpoint: cannot write {path.name!r} in the folder "
-                                   f"{str(path.parent)!r}: {e.strerror or e}") from e
-        raise
-    _fsync_directory(path.parent)
-
-
 def save_checkpoint(
     path: str | os.PathLike,
     model: Module,
@@ -278,11 +215,12 @@ def save_checkpoint(
 ) -> None:
     """Save ``model`` (and ``optimizer``) to one safetensors file at ``path``, atomically.
 
-    The file appears complete or not at all: it is written to a temporary file in the same
-    folder (named after this process; those of killed processes are removed by the next save to
-    ``path``), flushed to disk and renamed onto ``path``. If anything fails, an existing file at
-    ``path`` is left as it was and no temporary file remains. The name is used as given; use the
-    suffix ``.safetensors`` (the format is safetensors whatever the suffix).
+    The file appears complete or not at all (:func:`miniresnet.files.write_atomic`): it is
+    written to a temporary file in the same folder (named after this process; those of killed
+    processes are removed by the next save to ``path``), flushed to disk and renamed onto
+    ``path``. If anything fails, an existing file at ``path`` is left as it was and no temporary
+    file remains. The name is used as given; use the suffix ``.safetensors`` (the format is
+    safetensors whatever the suffix).
 
     Parameters
     ----------
@@ -346,7 +284,7 @@ def save_checkpoint(
         "miniresnet_version": miniresnet.__version__,
     }
     metadata = {"miniresnet": json.dumps(meta), "sha256": _digest(meta, arrays)}
-    _atomic_write(path, safetensors.numpy.save(arrays, metadata=metadata))
+    write_atomic(path, safetensors.numpy.save(arrays, metadata=metadata))
 
 
 # ----------------------------------------------------------------------------------------------

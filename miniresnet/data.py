@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from miniresnet.backend_choice import current_backend
 from miniresnet.backends import Backend, Rng, backend_of, get_backend
-from miniresnet.config import current_backend
 
 __all__ = ["Dataset", "batches", "grid_1d", "load_digits", "load_npz", "stratified_split"]
 

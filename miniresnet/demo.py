@@ -32,14 +32,15 @@ from miniresnet._cli import whole_number
 from miniresnet.experiments import claims as claims_mod
 from miniresnet.experiments import report, runner
 from miniresnet.experiments.claims import SCALES
+from miniresnet.files import write_atomic
 
 PROG = "python -m miniresnet.demo"
 VERSION = 1
 
 
 def _parser() -> argparse.ArgumentParser:
+    from miniresnet.backend_choice import current_backend
     from miniresnet.backends import BACKEND_NAMES
-    from miniresnet.config import current_backend
 
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -254,8 +255,8 @@ def _answer(module: ModuleType, record: dict) -> None:
 
 def write_outputs(results: dict, out: Path) -> None:
     """results.json and REPORT.md, each written atomically."""
-    runner.write_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
-    runner.write_atomic(out / "REPORT.md", report.render(results))
+    write_atomic(out / "results.json", json.dumps(results, indent=1) + "\n")
+    write_atomic(out / "REPORT.md", report.render(results))
 
 
 def _list() -> None:
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None, *, after_trial=None) -> dict | None:
     _check(parser, args)
     out = Path(args.out)
     start = time.perf_counter()
-    from miniresnet.config import use_backend
+    from miniresnet.backend_choice import use_backend
 
     try:
         out.mkdir(exist_ok=True)

@@ -5,7 +5,8 @@ All are compositions of primitives, so every derivative of every order is exact.
 
 from __future__ import annotations
 
-from miniresnet import ops, tracing
+from miniresnet import normalization, ops
+from miniresnet.backends import int_pair
 from miniresnet.ops import relu, sigmoid, tanh
 from miniresnet.tracing import Tensor, as_tensor, dtype_name
 
@@ -42,7 +43,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0) -> Tensor:
         not such an int or pair (``0``, ``-1``, ``1.5``, ``"2"``, ``True``), and for inputs of
         the wrong dtype or shape.
     """
-    stride, padding = ops._pair("conv2d", stride, "stride"), ops._pair("conv2d", padding, "padding")
+    stride, padding = int_pair("conv2d", stride, "stride"), int_pair("conv2d", padding, "padding")
     x, weight = as_tensor(x), as_tensor(weight)
     bias = None if bias is None else as_tensor(bias)
     _require_float("conv2d", input=x, weight=weight, bias=bias)
@@ -105,16 +106,11 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
         scale = 1.0 / ops.sqrt(as_tensor(running_var) + eps)
         if weight is not None:
             scale = scale * weight
-        if any(tracing.is_recorded(p) for p in (weight, running_mean, running_var)):
-            # centred first: their derivatives sum g * (x - mean), which the folded form below
-            # would get as sum(g x) - mean sum(g), all rounding where x is close to the mean
-            out = (x - ops.reshape(running_mean, shape)) * ops.reshape(scale, shape)
-            return out + ops.reshape(bias, shape) if bias is not None else out
-        # one scale and one shift per channel: a single pass over x (and over a cotangent)
-        shift = -(as_tensor(running_mean) * scale)
-        if bias is not None:
-            shift = shift + bias
-        return x * ops.reshape(scale, shape) + ops.reshape(shift, shape)
+        # centred first, whether or not a derivative is taken (so f(x) rounds the same under
+        # grad): the derivatives in the statistics and the weight sum g * (x - mean), which a
+        # folded x * scale + shift would get as sum(g x) - mean sum(g), cancelling near the mean
+        out = (x - ops.reshape(running_mean, shape)) * ops.reshape(scale, shape)
+        return out + ops.reshape(bias, shape) if bias is not None else out
     count = x.size // x.shape[1]
     if count <= 1:
         raise ValueError(
@@ -123,9 +119,9 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
         )
     stats: dict = {}
     if weight is not None and bias is not None:  # one primitive, closed-form rules
-        out = ops.standardize_affine(x, weight, bias, axes, eps, cache=stats)
+        out = normalization.standardize_affine(x, weight, bias, axes, eps, cache=stats)
     else:
-        out = ops.standardize(x, axes, eps, cache=stats)
+        out = normalization.standardize(x, axes, eps, cache=stats)
         if weight is not None:
             out = out * ops.reshape(weight, shape)
         if bias is not None:
@@ -155,7 +151,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:
     """Average pooling over (N, C, H, W); zero padding is counted in the average."""
     x = as_tensor(x)
     _require_float("avg_pool2d", input=x)
-    kh, kw = ops._pair("avg_pool2d", kernel_size, "kernel_size")
+    kh, kw = int_pair("avg_pool2d", kernel_size, "kernel_size")
     stride = (kh, kw) if stride is None else stride
     return ops.mean(ops.im2col(x, kh, kw, stride, padding), axis=(-4, -3))
 
@@ -163,7 +159,7 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0) -> Tensor:
 def adaptive_avg_pool2d(x, output_size) -> Tensor:
     """Average pooling to ``output_size`` (H and W must be divisible by it)."""
     x = as_tensor(x)
-    oh, ow = ops._pair("adaptive_avg_pool2d", output_size, "output_size")
+    oh, ow = int_pair("adaptive_avg_pool2d", output_size, "output_size")
     n, c, h, w = x.shape
     if h % oh or w % ow:
         raise ValueError(

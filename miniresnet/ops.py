@@ -11,10 +11,15 @@ import builtins
 import functools
 from collections.abc import Sequence
 
-import numpy as np
-
 from miniresnet import primitives as P
-from miniresnet.backends import backend_of
+from miniresnet.backends import (
+    PYTHON_SCALARS,
+    backend_of,
+    conv_geometry,
+    conv_output_size,
+    int_pair,
+    python_scalar,
+)
 from miniresnet.tracing import (
     Tensor,
     as_tensor,
@@ -25,18 +30,15 @@ from miniresnet.tracing import (
     raise_mixed_backends,
 )
 
-_SCALARS = (bool, int, float)
-
 
 # -- helpers ----------------------------------------------------------------------------------
 def _operand(x):
     """A Tensor, or a Python (or NumPy) scalar as a Python scalar: it adopts the other
     operand's dtype, as in the array API."""
-    if isinstance(x, Tensor) or type(x) in _SCALARS:
+    if isinstance(x, Tensor) or type(x) in PYTHON_SCALARS:
         return x
-    if isinstance(x, np.generic):
-        return x.item()
-    return as_tensor(x)
+    scalar = python_scalar(x)  # NumPy scalars are weak scalars too
+    return as_tensor(x) if scalar is None else scalar
 
 
 def _backends_differ(tensors) -> bool:
@@ -94,9 +96,9 @@ def _elementwise(prim, *args):
             if type(y) is Tensor:
                 if x.shape == y.shape and x.dtype == y.dtype:
                     return bind(prim, x, y)
-            elif type(y) in _SCALARS:
+            elif type(y) in PYTHON_SCALARS:
                 return bind(prim, x, y)
-        elif type(y) is Tensor and type(x) in _SCALARS:
+        elif type(y) is Tensor and type(x) in PYTHON_SCALARS:
             return bind(prim, x, y)
     args = [_operand(a) for a in args]
     if not any(isinstance(a, Tensor) for a in args):  # scalars only: make the first an array
@@ -129,33 +131,12 @@ def _axes(name: str, axis, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-_MINIMUM = {"stride": 1, "padding": 0}  # every other size (kernel, output) is at least 1
-
-
-def _pair(name: str, v, what: str) -> tuple[int, int]:
-    """``v``, an int or a pair of ints, as a pair of Python ints of at least ``_MINIMUM[what]``
-    (default 1); else a TypeError (an entry that is no real number: a string, a bool, None ...)
-    or a ValueError (0, -1, 1.5, three entries ...) naming ``name``, ``what`` and ``v``."""
-    low = _MINIMUM.get(what, 1)
-    pair = tuple(v) if isinstance(v, tuple | list) else (v, v)
-    if len(pair) == 2 and all(_is_int(i) and i >= low for i in pair):
-        return int(pair[0]), int(pair[1])
-    numbers = all(isinstance(i, float | np.floating) or _is_int(i) for i in pair)
-    raise (ValueError if numbers else TypeError)(
-        f"{name}: {what} must be an int >= {low} or a pair of them, got {v!r}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
-
 def _constant(fn, *args):
     """Evaluate a non-differentiable function on the raw data (the result is a constant)."""
     raws = [a.raw if isinstance(a, Tensor) else a for a in args]
-    arrays = [r for r in raws if type(r) not in _SCALARS]
-    xp = as_tensor(arrays[0]).backend.xp
-    out = fn(xp, *raws)
-    return make(out if type(out) is type(arrays[0]) else xp.asarray(out))
+    arrays = [r for r in raws if type(r) not in PYTHON_SCALARS]
+    be = as_tensor(arrays[0]).backend
+    return make(be.as_array(fn(be.xp, *raws)))
 
 
 # -- elementwise --------------------------------------------------------------------------------
@@ -185,7 +166,7 @@ def neg(x) -> Tensor:
 
 def power(x, p: float) -> Tensor:
     """``x ** p`` for a Python scalar exponent ``p``."""
-    if not isinstance(p, _SCALARS):
+    if not isinstance(p, PYTHON_SCALARS):
         raise TypeError(f"pow: the exponent must be a Python scalar, got {type(p).__name__}")
     return bind(P.power, as_tensor(x), p)
 
@@ -478,39 +459,24 @@ def tensordot(x, y, axes=2) -> Tensor:
     return bind(P.tensordot, x, y, axes=(xa, ya))
 
 
-def conv_output_size(size: int, k: int, stride: int, padding: int) -> int:
-    return (size + 2 * padding - k) // stride + 1
-
-
 def im2col(x, kh: int, kw: int, stride=1, padding=0) -> Tensor:
     """Patches of ``x`` (shape ``(..., C, H, W)``) as ``(..., C, kh, kw, OH, OW)``."""
     x = as_tensor(x)
-    stride, padding = _pair("im2col", stride, "stride"), _pair("im2col", padding, "padding")
+    stride, padding = int_pair("im2col", stride, "stride"), int_pair("im2col", padding, "padding")
     if x.ndim < 3:
         raise ValueError(f"im2col: expected (..., C, H, W), got shape {x.shape}")
-    oh = conv_output_size(x.shape[-2], kh, stride[0], padding[0])
-    ow = conv_output_size(x.shape[-1], kw, stride[1], padding[1])
-    if oh < 1 or ow < 1 or min(stride) < 1 or min(padding) < 0 or min(kh, kw) < 1:
-        raise ValueError(
-            f"im2col: a {kh}x{kw} kernel with stride {stride} and padding {padding} does not "
-            f"fit input of spatial size {x.shape[-2:]}"
-        )
+    stride, padding, _ = conv_geometry("im2col", x.shape[-2:], (kh, kw), stride, padding)
     return bind(P.im2col, x, kh=kh, kw=kw, stride=stride, padding=padding)
 
 
 def col2im(cols, height: int, width: int, stride=1, padding=0) -> Tensor:
     """The adjoint of :func:`im2col`: sum patches back into a ``(..., C, H, W)`` image."""
     cols = as_tensor(cols)
-    stride, padding = _pair("col2im", stride, "stride"), _pair("col2im", padding, "padding")
+    stride, padding = int_pair("col2im", stride, "stride"), int_pair("col2im", padding, "padding")
     if cols.ndim < 5:
         raise ValueError(f"col2im: expected (..., C, kh, kw, OH, OW), got shape {cols.shape}")
-    kh, kw, oh, ow = cols.shape[-4:]
-    if (conv_output_size(height, kh, stride[0], padding[0]),
-            conv_output_size(width, kw, stride[1], padding[1])) != (oh, ow):
-        raise ValueError(
-            f"col2im: columns of shape {cols.shape} do not match an image of size "
-            f"{(height, width)} with stride {stride} and padding {padding}"
-        )
+    stride, padding, _ = conv_geometry("col2im", (height, width), cols.shape[-4:-2], stride,
+                                       padding, cols.shape[-2:])
     return bind(P.col2im, cols, height=height, width=width, stride=stride, padding=padding)
 
 
@@ -523,24 +489,8 @@ def _conv_operands(name: str, a, b, same: tuple[int, int], layout: str):
     return a, b
 
 
-def _conv_geometry(name: str, image_shape, kernel_shape, stride, padding, out_shape=None):
-    """Validated ``(stride, padding)`` pairs; ``out_shape``, if given, must be the output size."""
-    stride, padding = _pair(name, stride, "stride"), _pair(name, padding, "padding")
-    kh, kw = kernel_shape
-    oh = conv_output_size(image_shape[0], kh, stride[0], padding[0])
-    ow = conv_output_size(image_shape[1], kw, stride[1], padding[1])
-    if oh < 1 or ow < 1 or min(stride) < 1 or min(padding) < 0 or min(kh, kw) < 1:
-        raise ValueError(
-            f"{name}: a {kh}x{kw} kernel with stride {stride} and padding {padding} does not "
-            f"fit input of spatial size {tuple(image_shape)}"
-        )
-    if out_shape is not None and (oh, ow) != tuple(out_shape):
-        raise ValueError(
-            f"{name}: a cotangent of spatial size {tuple(out_shape)} does not match an image of "
-            f"size {tuple(image_shape)} with a {kh}x{kw} kernel, stride {stride} and padding "
-            f"{padding} (output size {(oh, ow)})"
-        )
-    return stride, padding
+def _conv_geometry(name, image_shape, kernel_shape, stride, padding, out_shape=None):
+    return conv_geometry(name, image_shape, kernel_shape, stride, padding, out_shape)[:2]
 
 
 def conv(x, w, stride=1, padding=0, *, cache: dict | None = None) -> Tensor:
@@ -577,72 +527,6 @@ def conv_weight_grad(x, g, kh: int, kw: int, stride=1, padding=0, *,
                                      padding, g.shape[-2:])
     return bind(P.conv_weight_grad, x, g, kh=kh, kw=kw, stride=stride, padding=padding,
                 cache=cache)
-
-
-def _norm_axes(name: str, x: Tensor, axis) -> tuple[int, ...]:
-    return tuple(a - x.ndim for a in _axes(name, axis, x.ndim))
-
-
-def standardize(x, axis, eps: float = 1e-5, *, cache: dict | None = None) -> Tensor:
-    """``(x - mean(x)) / sqrt(var(x) + eps)`` with the statistics over ``axis`` (biased
-    variance), as batch norm computes it in training mode.
-
-    ``cache``, if given, must be an empty dict; it receives the forward statistics as backend
-    arrays (``"mean"``, ``"var"``, ``"inv"``, ``"xhat"``) for e.g. running averages.
-    """
-    x = as_tensor(x)
-    axis = _norm_axes("standardize", x, axis)
-    return bind(P.standardize, x, axis=axis, eps=float(eps),
-                cache={} if cache is None else cache)
-
-
-def inv_std(x, axis, eps: float = 1e-5, *, cache: dict | None = None) -> Tensor:
-    """``1 / sqrt(var(x) + eps)`` over ``axis`` (biased variance), with kept dimensions."""
-    x = as_tensor(x)
-    axis = _norm_axes("inv_std", x, axis)
-    return bind(P.inv_std, x, axis=axis, eps=float(eps), cache={} if cache is None else cache)
-
-
-def _channel_param(name: str, what: str, p, x: Tensor, axis) -> Tensor:
-    p = as_tensor(p)
-    want = tuple(d for i, d in enumerate(x.shape) if i not in axis)
-    if p.shape != want:
-        raise ValueError(
-            f"{name}: {what} must have shape {want} (one value per channel of x {x.shape}), got "
-            f"{p.shape}"
-        )
-    return p
-
-
-def standardize_affine(x, weight, bias, axis, eps: float = 1e-5, *,
-                       cache: dict | None = None) -> Tensor:
-    """``standardize(x, axis, eps) * weight + bias`` as one primitive (batch norm in training
-    mode); ``weight`` and ``bias`` have one value per channel: ``x``'s shape without the
-    ``axis`` axes (``(C,)`` for ``axis=(0, 2, 3)``). ``cache`` as in :func:`standardize`."""
-    x = as_tensor(x)
-    pos = _axes("standardize_affine", axis, x.ndim)
-    weight = _channel_param("standardize_affine", "weight", weight, x, pos)
-    bias = _channel_param("standardize_affine", "bias", bias, x, pos)
-    _check_dtypes("standardize_affine", (x, weight, bias))
-    return bind(P.standardize_affine, x, weight, bias, axis=tuple(a - x.ndim for a in pos),
-                eps=float(eps), cache={} if cache is None else cache)
-
-
-def standardize_affine_grad(g, x, weight, axis, eps: float = 1e-5, *,
-                            cache: dict | None = None) -> Tensor:
-    """The derivative of :func:`standardize_affine` in ``x`` applied to ``g`` (its VJP and its
-    JVP: the Jacobian is symmetric), ``weight * inv_std(x) * (g - mean(g) - x^ mean(g x^))``
-    with ``x^ = standardize(x)``; ``g`` may carry leading batch axes."""
-    g, x = as_tensor(g), as_tensor(x)
-    pos = _axes("standardize_affine_grad", axis, x.ndim)
-    weight = _channel_param("standardize_affine_grad", "weight", weight, x, pos)
-    if g.shape[g.ndim - x.ndim:] != x.shape:
-        raise ValueError(
-            f"standardize_affine_grad: g of shape {g.shape} must end with x's shape {x.shape}"
-        )
-    _check_dtypes("standardize_affine_grad", (g, x, weight))
-    return bind(P.standardize_affine_grad, g, x, weight, axis=tuple(a - x.ndim for a in pos),
-                eps=float(eps), cache={} if cache is None else cache)
 
 
 # -- Tensor operators and methods -----------------------------------------------------------------
@@ -682,7 +566,6 @@ __all__ = [
     "zeros_like", "ones_like", "full_like", "sum", "mean", "var", "max", "logsumexp",
     "log_softmax", "softmax", "reshape", "transpose", "matrix_transpose", "broadcast_to",
     "getitem", "untake", "pad", "concat", "stack", "matmul", "tensordot", "im2col", "col2im",
-    "conv", "conv_transpose", "conv_weight_grad", "standardize", "inv_std",
-    "standardize_affine", "standardize_affine_grad",
+    "conv", "conv_transpose", "conv_weight_grad",
     "broadcast_shapes", "conv_output_size",
 ]

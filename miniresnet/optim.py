@@ -130,7 +130,7 @@ class SGD:
         """Restore :meth:`state_dict` output (arrays are moved to each parameter's backend).
 
         Everything is checked, hyperparameters included, before anything changes."""
-        from miniresnet.config import as_backend_array
+        from miniresnet.backend_choice import as_backend_array
 
         where = "SGD.load_state_dict"
         expected = {"lr", "momentum", "nesterov", "weight_decay", "steps"} | {

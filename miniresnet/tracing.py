@@ -22,12 +22,12 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from miniresnet.backends import backend_of
+from miniresnet.backend_choice import as_backend_array, creation_backend
+from miniresnet.backends import PYTHON_SCALARS, backend_of
 
 EAGER_LEVEL = 1
 # next_level: the level the next transform gets; floor: levels below it record nothing (no_grad)
 _state = {"next_level": EAGER_LEVEL + 1, "floor": 0, "anomaly": False, "backward_op": None}
-_SCALARS = (bool, int, float)  # exact types: NumPy scalars are arrays here
 
 
 def new_level() -> int:
@@ -132,8 +132,6 @@ class Tensor:
     __array_priority__ = 1000
 
     def __init__(self, data: Any, requires_grad: bool = False, *, dtype=None):
-        from miniresnet.config import as_backend_array, creation_backend
-
         if isinstance(data, Tensor):
             raw = as_backend_array(data.raw, dtype)
         else:
@@ -280,9 +278,8 @@ class Tensor:
                 raise RuntimeError(
                     f"backward(): pass gradient= for a non-scalar output (shape {self.shape})"
                 )
-            from miniresnet import ops
-
-            g = ops.ones_like(self._value)
+            raw = self.raw
+            g = make(backend_of(raw).xp.ones_like(raw))
         else:
             g = as_tensor(gradient)
             if g.shape != self.shape:
@@ -307,8 +304,6 @@ def as_tensor(x) -> Tensor:
     """``x`` itself if it is a Tensor, else a level-0 Tensor over the backend array ``x``."""
     if isinstance(x, Tensor):
         return x
-    from miniresnet.config import as_backend_array
-
     return make(as_backend_array(x))
 
 
@@ -346,7 +341,7 @@ def bind(prim: Primitive, *args, **params) -> Tensor:
     tangent = None
     for i in active:
         contribution = prim.jvp_contribution(i, args[i]._tangent, out, inner, params)
-        tangent = contribution if tangent is None else bind(_ADD, tangent, contribution)
+        tangent = contribution if tangent is None else bind(add, tangent, contribution)
     return make(out, level, None, tangent)
 
 
@@ -354,7 +349,7 @@ def _evaluate(prim: Primitive, args, params) -> Tensor:
     raws, first, array_type = [], None, None
     for a in args:
         r = a.raw if type(a) is Tensor else a
-        if type(r) not in _SCALARS:
+        if type(r) not in PYTHON_SCALARS:
             if array_type is None:
                 first, array_type = r, type(r)
             elif type(r) is not array_type:
@@ -362,16 +357,15 @@ def _evaluate(prim: Primitive, args, params) -> Tensor:
         raws.append(r)
     if array_type is None:
         raise TypeError(f"{prim.name}: needs at least one array argument, got {args!r}")
-    xp = backend_of(first).xp
+    be = backend_of(first)
+    xp = be.xp
     if _state["anomaly"]:
         # every op's result is checked, so a non-finite argument came in from outside
         for i, r in enumerate(raws):
             check_input_finite(repr(prim.name), r, f"argument {i} {_describe(r)}",
                                "; no op under detect_anomaly produced it, so it is an input, "
                                "a parameter or a constant")
-    out = prim.impl(xp, *raws, **params)
-    if type(out) is not array_type:  # NumPy turns 0-d results into scalars
-        out = xp.asarray(out)
+    out = be.as_array(prim.impl(xp, *raws, **params))
     if _state["anomaly"]:
         _check_finite(prim, xp, out, raws)
     return make(out)
@@ -381,7 +375,7 @@ def raise_mixed_backends(prim: Primitive, args) -> None:
     seen = []
     for a in args:
         r = a.raw if type(a) is Tensor else a
-        if type(r) not in _SCALARS:
+        if type(r) not in PYTHON_SCALARS:
             try:
                 name = backend_of(r).name
             except TypeError:
@@ -396,7 +390,7 @@ def raise_mixed_backends(prim: Primitive, args) -> None:
 
 def _nonfinite(x) -> str | None:
     """``"nan"`` or ``"inf"`` if the raw array or Python scalar ``x`` holds one, else None."""
-    if type(x) in _SCALARS:
+    if type(x) in PYTHON_SCALARS:
         return None if math.isfinite(x) else ("nan" if math.isnan(x) else "inf")
     be = backend_of(x)
     xp = be.xp
@@ -491,7 +485,7 @@ def backward_pass(root: Node, g: Tensor, order: list[Node] | None = None, free: 
                 rule = node.prim.vjp_rule(argnum)
                 contribution = rule(ct, node.out, *node.args, **node.params)
                 old = cts.get(parent)
-                cts[parent] = contribution if old is None else bind(_ADD, old, contribution)
+                cts[parent] = contribution if old is None else bind(add, old, contribution)
             if free:
                 node.args = node.out = node.params = None
                 node.parents = ()
@@ -500,7 +494,12 @@ def backward_pass(root: Node, g: Tensor, order: list[Node] | None = None, free: 
     return leaves
 
 
-_ADD: Primitive | None = None  # the add primitive (set by miniresnet.primitives)
+# The one primitive the tracing core needs itself: derivatives arriving at one value along
+# several paths are summed (a stack of cotangents or tangents has the same shape on every
+# path). It is the table's ``add`` (miniresnet.primitives lists it with the others).
+add = Primitive("add", lambda xp, x, y: x + y,
+                vjp=(lambda g, ans, x, y: g, lambda g, ans, x, y: g),
+                jvp=(lambda t, ans, x, y: t, lambda t, ans, x, y: t))
 
 
 # -- global switches --------------------------------------------------------------------------

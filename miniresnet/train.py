@@ -464,8 +464,8 @@ _TRAINING = {"epochs": _count, "batch_size": _count, "lr": _non_negative,
 
 def _parser() -> argparse.ArgumentParser:
     from miniresnet import nn
+    from miniresnet.backend_choice import current_backend
     from miniresnet.backends import BACKEND_NAMES
-    from miniresnet.config import current_backend
 
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -560,8 +560,8 @@ def main(argv: list[str] | None = None) -> History:
     Ctrl-C stops it with exit status 130 after one line saying what was saved; a diverging
     run (:class:`DivergenceError`) exits with status 1 and its message. The backend is
     selected for this call only."""
+    from miniresnet.backend_choice import use_backend
     from miniresnet.backends import BackendUnavailable
-    from miniresnet.config import use_backend
 
     parser = _parser()
     args = parser.parse_args(argv)

@@ -17,7 +17,7 @@ import operator
 from collections.abc import Callable, Sequence
 
 from miniresnet import ops
-from miniresnet.config import known_backend
+from miniresnet.backend_choice import known_backend
 from miniresnet.tracing import (
     Tensor,
     as_tensor,

@@ -1,10 +1,12 @@
-"""Tests for miniresnet.backends: im2col / col2im, RNG, host transfer, registry and errors."""
+"""Tests for miniresnet.backends: conv kernels and geometry, RNG, host transfer, registry, NumPy's
+quirks and errors."""
 
 from __future__ import annotations
 
 import ast
 import importlib.util
 import pathlib
+import re
 import sys
 
 import numpy as np
@@ -15,6 +17,7 @@ from hypothesis import strategies as st
 from miniresnet import backends
 from miniresnet.backends import (
     BACKEND_NAMES,
+    PYTHON_SCALARS,
     Backend,
     BackendUnavailable,
     Rng,
@@ -22,8 +25,12 @@ from miniresnet.backends import (
     _numpy,
     available_backends,
     backend_of,
+    conv_geometry,
+    conv_output_size,
     get_backend,
+    int_pair,
     is_available,
+    python_scalar,
 )
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -141,20 +148,21 @@ def test_col2im_is_adjoint_of_im2col(backend, geom, seed):
     assert abs(lhs - rhs) <= 1e-12 * max(scale, 1e-300)
 
 
+def generic_numpy() -> Backend:
+    """The NumPy namespace with only the array-API-only kernels of the base class."""
+    return _generic.Backend("numpy", get_backend("numpy").xp, np.ndarray)
+
+
 @relaxed
 @given(geom=geometries(), seed=st.integers(0, 2**32 - 1))
 def test_numpy_fast_path_equals_generic(geom, seed):
+    # col2im has one implementation, the base class's, shared by every backend (checked against
+    # the reference on each by test_col2im_matches_reference)
     n, c, h, w, kh, kw, stride, padding = geom
-    oh, ow = out_size(h, w, kh, kw, stride, padding)
     x = host_normal(seed, (n, c, h, w))
-    y = host_normal(seed + 1, (n, c, kh, kw, oh, ow))
-    xp = get_backend("numpy").xp
-    fast = _numpy.im2col(x, kh, kw, stride, padding)
-    generic = _generic.im2col(x, kh, kw, stride, padding, xp=xp)
-    np.testing.assert_array_equal(fast, generic)
-    fast_back = _numpy.col2im(y, h, w, stride, padding)
-    generic_back = _generic.col2im(y, h, w, stride, padding, xp=xp)
-    np.testing.assert_allclose(fast_back, generic_back, rtol=1e-15, atol=1e-15)
+    fast = get_backend("numpy").im2col(x, kh, kw, stride, padding)
+    np.testing.assert_array_equal(fast, generic_numpy().im2col(x, kh, kw, stride, padding))
+    assert type(get_backend("numpy")).col2im is Backend.col2im
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,14 +186,14 @@ def conv_problems(draw):
 
 def _conv_all(be, x, w, g, gs, geom):
     n, c, h, wd, f, kh, kw, stride, padding, lead = geom
-    out, saved = be.conv2d(x, w, stride, padding)
-    unsaved, nothing = be.conv2d(x, w, stride, padding, keep=False)
+    out, saved = be.conv(x, w, stride, padding)
+    unsaved, nothing = be.conv(x, w, stride, padding, keep=False)
     assert nothing is None
-    return [out, unsaved, be.conv2d_input_grad(g, w, h, wd, stride, padding),
-            be.conv2d_input_grad(g, w, h, wd, stride, padding, saved),
-            be.conv2d_weight_grad(x, g, kh, kw, stride, padding),
-            be.conv2d_weight_grad(x, g, kh, kw, stride, padding, saved),
-            be.conv2d_weight_grad(x, gs, kh, kw, stride, padding, saved)]
+    return [out, unsaved, be.conv_transpose(g, w, h, wd, stride, padding),
+            be.conv_transpose(g, w, h, wd, stride, padding, saved),
+            be.conv_weight_grad(x, g, kh, kw, stride, padding),
+            be.conv_weight_grad(x, g, kh, kw, stride, padding, saved),
+            be.conv_weight_grad(x, gs, kh, kw, stride, padding, saved)]
 
 
 def _conv_inputs(seed, geom):
@@ -228,7 +236,7 @@ def test_numpy_conv_paths_equal_generic(monkeypatch, layout, chunk, dense, geom,
             m.setattr(_numpy, "CHUNK", chunk)
         m.setattr(_numpy, "_dense_cheaper", lambda *args, **kw: dense)
         fast = _conv_all(get_backend("numpy"), x, w, g, gs, geom)
-    generic = _generic.Backend("numpy", get_backend("numpy").xp, np.ndarray)
+    generic = generic_numpy()
     for a, b in zip(fast, _conv_all(generic, x, w, g, gs, geom), strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
@@ -236,22 +244,23 @@ def test_numpy_conv_paths_equal_generic(monkeypatch, layout, chunk, dense, geom,
 
 def test_numpy_conv_paths_are_taken(monkeypatch):
     """The branches the equality test above compares are really the ones that run."""
+    be = get_backend("numpy")
     x, w = host_normal(0, (8, 2, 4, 4)), host_normal(1, (3, 2, 3, 3))
-    out, saved = _numpy.conv2d(x, w, (1, 1), (1, 1))
+    out, saved = be.conv(x, w, (1, 1), (1, 1))
     assert "toeplitz" in saved  # small images: dense
     assert out.transpose(1, 0, 2, 3).flags.c_contiguous  # channel-major, like the patch paths
-    strided = _numpy.conv2d_input_grad(host_normal(2, (8, 3, 8, 8)), w, 16, 16, (2, 2), (1, 1))
+    strided = be.conv_transpose(host_normal(2, (8, 3, 8, 8)), w, 16, 16, (2, 2), (1, 1))
     assert strided.transpose(1, 0, 2, 3).flags.c_contiguous  # col2im into channel-major zeros
-    assert "cols" in _numpy.conv2d(host_normal(0, (8, 2, 16, 16)), w, (1, 1), (1, 1))[1]
+    assert "cols" in be.conv(host_normal(0, (8, 2, 16, 16)), w, (1, 1), (1, 1))[1]
     assert _numpy._dense_cheaper(1024, 16, 8, 8, 16, 3, 3, 8, 8)  # a stack of cotangents
     # ... unless the cheaper stride-1 kernel from column-shifted copies can do it
     assert not _numpy._dense_cheaper(1024, 16, 8, 8, 16, 3, 3, 8, 8, rows=(16, 16, 10, 8))
     assert _numpy._dense_cheaper(128, 64, 2, 2, 64, 3, 3, 2, 2, rows=(64, 64, 4, 2))
     assert not _numpy._dense_cheaper(128, 16, 8, 8, 16, 3, 3, 8, 8)
     monkeypatch.setattr(_numpy, "TOEPLITZ_MAX", 0)
-    assert len(_numpy.conv2d(x, w, (1, 1), (1, 1))[1]["cols"]) == 1
+    assert len(be.conv(x, w, (1, 1), (1, 1))[1]["cols"]) == 1
     monkeypatch.setattr(_numpy, "CHUNK", 7)
-    assert len(_numpy.conv2d(x, w, (1, 1), (1, 1))[1]["cols"]) == 8
+    assert len(be.conv(x, w, (1, 1), (1, 1))[1]["cols"]) == 8
 
 
 @pytest.mark.parametrize("geom", [
@@ -262,7 +271,7 @@ def test_numpy_conv_paths_are_taken(monkeypatch):
 def test_numpy_patch_paths_equal_generic(monkeypatch, geom):
     x, w, g, gs = _conv_inputs(7, geom)
     monkeypatch.setattr(_numpy, "_dense_cheaper", lambda *args, **kw: False)
-    generic = _generic.Backend("numpy", get_backend("numpy").xp, np.ndarray)
+    generic = generic_numpy()
     for a, b in zip(_conv_all(get_backend("numpy"), x, w, g, gs, geom),
                     _conv_all(generic, x, w, g, gs, geom), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
@@ -311,23 +320,82 @@ def test_im2col_returns_a_fresh_array(backend):
 def test_numpy_im2col_accepts_non_contiguous_input():
     x = host_normal(3, (3, 2, 6, 5)).transpose(1, 0, 2, 3)  # (2, 3, 6, 5), not C-contiguous
     np.testing.assert_array_equal(
-        _numpy.im2col(x, 2, 3, (2, 1), (1, 2)), ref_im2col(x, 2, 3, (2, 1), (1, 2))
+        get_backend("numpy").im2col(x, 2, 3, (2, 1), (1, 2)), ref_im2col(x, 2, 3, (2, 1), (1, 2))
     )
 
 
 def test_conv_geometry_errors(backend):
     x = backend.asarray(host_normal(0, (1, 1, 3, 3)))
-    with pytest.raises(ValueError, match="empty convolution output"):
+    with pytest.raises(ValueError, match=r"im2col: a 5x5 kernel with stride \(1, 1\) and padding "
+                                         r"\(0, 0\) does not fit input of spatial size \(3, 3\)"):
         backend.im2col(x, 5, 5, (1, 1), (0, 0))
-    with pytest.raises(ValueError, match="stride"):
+    with pytest.raises(ValueError, match=re.escape(
+            "im2col: stride must be an int >= 1 or a pair of them, got (0, 1)")):
         backend.im2col(x, 1, 1, (0, 1), (0, 0))
-    with pytest.raises(ValueError, match="padding"):
+    with pytest.raises(ValueError, match=re.escape(
+            "im2col: padding must be an int >= 0 or a pair of them, got (-1, 0)")):
         backend.im2col(x, 1, 1, (1, 1), (-1, 0))
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         backend.im2col(backend.asarray(host_normal(0, (3, 3))), 1, 1, (1, 1), (0, 0))
     cols = backend.im2col(x, 2, 2, (1, 1), (0, 0))
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match=r"col2im: a cotangent of spatial size \(2, 2\) does not "
+                                         r"match an image of size \(4, 4\)"):
         backend.col2im(cols, 4, 4, (1, 1), (0, 0))
+
+
+def test_conv_kernel_errors_name_their_op(backend):
+    x, w = (backend.asarray(host_normal(i, s)) for i, s in enumerate([(1, 1, 3, 3), (1, 1, 4, 4)]))
+    g = backend.asarray(host_normal(2, (1, 1, 2, 2)))
+    with pytest.raises(ValueError, match="conv: a 4x4 kernel .* does not fit input of spatial "
+                                         r"size \(3, 3\)"):
+        backend.conv(x, w)
+    with pytest.raises(ValueError, match=r"conv_transpose: a cotangent of spatial size \(2, 2\) "
+                                         r"does not match an image of size \(4, 4\)"):
+        backend.conv_transpose(g, w[:, :, :2, :2], 4, 4)
+    with pytest.raises(ValueError, match=r"conv_weight_grad: a cotangent of spatial size "
+                                         r"\(2, 2\) does not match an image of size \(3, 3\)"):
+        backend.conv_weight_grad(x, g, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# conv geometry: the one check every op and kernel uses
+# ----------------------------------------------------------------------------------------------
+
+
+def test_conv_output_size():
+    assert conv_output_size(32, 3, 1, 1) == 32
+    assert conv_output_size(32, 3, 2, 1) == 16
+    assert conv_output_size(5, 2, 2, 0) == 2
+    assert conv_output_size(2, 3, 1, 0) == 0  # unchecked: the kernel does not fit
+
+
+def test_conv_geometry_returns_int_pairs():
+    assert conv_geometry("op", (7, 6), (3, 2), 2, (1, 0)) == ((2, 2), (1, 0), (4, 3))
+    assert conv_geometry("op", (7, 6), (3, 2), np.int64(2), [1, 0], (4, 3)) == \
+        ((2, 2), (1, 0), (4, 3))
+    stride, padding, size = conv_geometry("op", (7, 6), (3, 2), (np.int64(1), 1), 0)
+    assert all(type(v) is int for v in stride + padding + size)
+    with pytest.raises(ValueError, match=r"op: a 0x2 kernel"):
+        conv_geometry("op", (7, 6), (0, 2), 1, 0)
+
+
+@pytest.mark.parametrize(("value", "error"), [
+    (0, ValueError), (-1, ValueError), (1.5, ValueError), (2.0, ValueError),
+    ((1, 0), ValueError), ((1, 2, 3), ValueError), (np.float64(2.0), ValueError),
+    ("2", TypeError), (True, TypeError), (None, TypeError), ((1, "1"), TypeError),
+])
+def test_int_pair_rejects(value, error):
+    with pytest.raises(error, match=re.escape(
+            f"op: stride must be an int >= 1 or a pair of them, got {value!r}")):
+        int_pair("op", value, "stride")
+
+
+def test_int_pair_accepts():
+    assert int_pair("op", 3, "kernel_size") == (3, 3)
+    assert int_pair("op", [2, np.int32(1)], "stride") == (2, 1)
+    assert int_pair("op", 0, "padding") == (0, 0)
+    with pytest.raises(ValueError, match=re.escape("op: padding must be an int >= 0")):
+        int_pair("op", -1, "padding")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,7 +536,7 @@ def test_backend_of_loads_the_backend_of_a_device(monkeypatch):
     import array_api_strict as xp
 
     for registry in ("_BACKENDS", "_BY_TYPE", "_BY_DEVICE"):
-        monkeypatch.setattr(backends, registry, {})
+        monkeypatch.setattr(backends._registry, registry, {})
     assert backend_of(xp.asarray(1.0, device=xp.Device("device1"))).name == \
         "array_api_strict_device1"
     assert backend_of(xp.asarray(1.0)).name == "array_api_strict"
@@ -508,6 +576,33 @@ def test_backend_of_numpy_scalars_and_subclasses():
         pass
 
     assert backend_of(np.zeros(2).view(Sub)) is np_be
+
+
+def test_library_scalars_are_the_numpy_backends_quirk(backend):
+    """0-d results: NumPy's are scalars, which ``as_array`` makes arrays; no other library has
+    scalars, and ``as_array`` and ``python_scalar`` do nothing there."""
+    total = backend.xp.sum(backend.asarray([1.0, 2.0]))
+    array = backend.as_array(total)
+    assert type(array) is backend.array_type and array.shape == ()
+    assert backend.to_numpy(array) == 3.0
+    assert backend.python_scalar(array) is None
+    assert backend.is_host is (backend.name == "numpy")
+    assert (backend.scalar_type is None) is (backend.name != "numpy")
+    x = backend.asarray([1.0])
+    assert backend.as_array(x) is x
+
+
+def test_numpy_scalars_stand_for_python_scalars():
+    np_be = get_backend("numpy")
+    assert type(np_be.as_array(np.float32(1.5))) is np.ndarray
+    assert np_be.as_array(np.float32(1.5)).dtype == np.float32
+    for scalar, value in [(np.float64(2.5), 2.5), (np.int64(3), 3), (np.bool_(True), True)]:
+        assert type(python_scalar(scalar)) is type(value) and python_scalar(scalar) == value
+        assert python_scalar(value) is value
+    for not_scalar in (np.zeros(()), np.zeros(2), [1.0], "x", None,
+                       get_backend("array_api_strict").asarray(1.0)):
+        assert python_scalar(not_scalar) is None
+    assert PYTHON_SCALARS == (bool, int, float)
 
 
 @pytest.mark.parametrize("obj", [1.0, 3, True, [1.0, 2.0], "x", None])
@@ -571,6 +666,23 @@ def test_backends_package_imports_nothing_else_from_miniresnet():
                 assert root in allowed, f"{path.name} imports {root}"
 
 
+def test_backend_modules_extend_only_the_base_class():
+    """One way to extend a backend: a module subclasses Backend and overrides methods; no backend
+    module imports another one, and the base class takes no kernels in its constructor."""
+    folder = pathlib.Path(backends.__file__).parent
+    shared = {"_generic", "_geometry", "_registry", "_malloc"}
+    for path in sorted(folder.glob("_*.py")):
+        if path.stem in shared:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                names = [node.module] if node.module else [a.name for a in node.names]
+                assert set(names) <= shared, f"{path.name} imports {names}"
+    assert "col2im" not in _numpy.NumpyBackend.__dict__  # the base class's, shared
+    with pytest.raises(TypeError):
+        _generic.Backend("numpy", get_backend("numpy").xp, np.ndarray, im2col_impl=None)
+
+
 class _FakeRuntime:
     def __init__(self, count):
         self.count = count
@@ -590,7 +702,7 @@ def _fake_cupy(count):
             synced.append(True)
 
     cuda = type("cuda", (), {"runtime": _FakeRuntime(count), "Device": Device})
-    fake = type("cupy", (), {"cuda": cuda, "ndarray": np.ndarray, "zeros": staticmethod(np.zeros)})
+    fake = type("cupy", (), {"cuda": cuda, "ndarray": np.ndarray})
     return fake, synced
 
 
@@ -626,7 +738,7 @@ def test_cupy_backend_glue_with_numpy_standing_in():
     # the generic conv kernels, as CuPy runs them (through its im2col / col2im)
     geom = (2, 3, 5, 4, 2, 3, 2, (2, 1), (1, 1), (2,))
     x, w, g, gs = _conv_inputs(3, geom)
-    generic = _generic.Backend("numpy", get_backend("numpy").xp, np.ndarray)
+    generic = generic_numpy()
     for a, b in zip(_conv_all(be, x, w, g, gs, geom), _conv_all(generic, x, w, g, gs, geom),
                     strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)

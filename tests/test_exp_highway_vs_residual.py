@@ -9,7 +9,7 @@ import pytest
 from experiment_checks import judged
 
 from miniresnet import nn
-from miniresnet.config import to_numpy
+from miniresnet.creation import to_numpy
 from miniresnet.experiments import claims, degradation, training
 from miniresnet.experiments import highway_vs_residual as exp
 from miniresnet.tracing import no_grad

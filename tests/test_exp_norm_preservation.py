@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from experiment_checks import judged
 
-from miniresnet.config import to_numpy
+from miniresnet.creation import to_numpy
 from miniresnet.experiments import degradation, training
 from miniresnet.experiments import norm_preservation as exp
 

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from miniresnet.config import to_numpy
+from miniresnet.creation import to_numpy
 from miniresnet.experiments import claims, degradation, training
 from miniresnet.experiments import paths_trained as exp
 

@@ -228,3 +228,17 @@ def test_initialiser_statistics(backend):
     np.testing.assert_allclose(q.T @ q, 4 * np.eye(5), atol=1e-12)
     same = [mr.to_numpy(nn.Linear(3, 3, rng=7).weight) for _ in range(2)]
     np.testing.assert_array_equal(*same)
+
+
+def test_eval_batch_norm_rounds_the_same_with_and_without_a_derivative(backend):
+    """Evaluation-mode batch norm uses one formula whether or not a derivative is being taken,
+    so its forward values are bit-identical under vjp and jvp."""
+    rng = np.random.default_rng(3)
+    x = backend.asarray(rng.normal(size=(4, 3, 2, 2)) * 1e3 + 7.0, "float64")
+    rm, rv = (backend.asarray(v, "float64") for v in (rng.normal(size=3), rng.random(3) + 0.5))
+    w, b = (backend.asarray(v, "float64") for v in (rng.normal(size=3), rng.normal(size=3)))
+    plain = host(F.batch_norm(x, rm, rv, w, b, training=False))
+    under_vjp, _ = mr.vjp(lambda w: F.batch_norm(x, rm, rv, w, b, training=False), w)
+    under_jvp, _ = mr.jvp(lambda x: F.batch_norm(x, rm, rv, w, b, training=False), (x,), (x,))
+    np.testing.assert_array_equal(host(under_vjp), plain)
+    np.testing.assert_array_equal(host(under_jvp), plain)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from miniresnet import train
-from miniresnet.config import to_numpy
+from miniresnet.creation import to_numpy
 from miniresnet.experiments import runner, training
 
 pytestmark = pytest.mark.backends("numpy")

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import miniresnet as mr
 from miniresnet import nn
-from miniresnet.config import known_backend
+from miniresnet.backend_choice import known_backend
 
 
 def host(x):

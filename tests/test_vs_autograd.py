@@ -24,7 +24,8 @@ from oracle import CASES, CASES_BY_NAME, SCALE_FLOOR, record_error, rel_error, t
 
 import miniresnet as mr
 import miniresnet.functional as F
-from miniresnet.primitives import PRIMITIVES
+from miniresnet.normalization import PRIMITIVES as NORMALIZATION_PRIMITIVES
+from miniresnet.primitives import PRIMITIVES as CORE_PRIMITIVES
 from miniresnet.testing import check_grads
 from miniresnet.testing.strategies import to_backend_array
 from miniresnet.tracing import as_tensor, leaf_node, make, new_level, toposort
@@ -241,6 +242,9 @@ def _traced_primitives(case, p, host) -> set[str]:
     if out._level != level:
         return set()
     return {node.prim.name for node in toposort(out._node) if node.prim is not None}
+
+
+PRIMITIVES = {**CORE_PRIMITIVES, **NORMALIZATION_PRIMITIVES}
 
 
 def test_every_primitive_has_a_case():

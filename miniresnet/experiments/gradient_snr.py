@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from miniresnet import inspect
-from miniresnet.config import current_backend
+from miniresnet.backend_choice import current_backend
 from miniresnet.data import batches as minibatches
 from miniresnet.experiments import answers, degradation, training
 from miniresnet.experiments.claims import claim, mean_and_spread

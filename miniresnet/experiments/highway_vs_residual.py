@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from miniresnet import nn
-from miniresnet.config import to_numpy
+from miniresnet.creation import to_numpy
 from miniresnet.experiments import training
 from miniresnet.experiments.answers import caveat, finite, mean, num, sentence, signed
 from miniresnet.experiments.claims import claim, mean_and_spread

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from miniresnet import inspect, nn
-from miniresnet.config import current_backend
+from miniresnet.backend_choice import current_backend
 from miniresnet.experiments import claims as cl
 from miniresnet.experiments.answers import caveat, finite, mean, num, sentence, signed
 

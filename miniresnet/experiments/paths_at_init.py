@@ -8,7 +8,8 @@ import math
 import numpy as np
 
 from miniresnet import inspect, nn, ops
-from miniresnet.config import current_backend, to_numpy
+from miniresnet.backend_choice import current_backend
+from miniresnet.creation import to_numpy
 from miniresnet.experiments.answers import caveat, finite, mean, num, sentence
 from miniresnet.experiments.claims import claim, mean_and_spread
 from miniresnet.experiments.plots import figure, save

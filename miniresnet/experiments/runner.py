@@ -14,7 +14,7 @@ Every trial runs with ``threads`` BLAS threads (default 1, through ``threadpoolc
 installed; pool workers also set ``OPENBLAS_NUM_THREADS`` and friends), so results do not
 depend on the executor and ``workers × threads`` cores are enough.
 
-Each finished trial is written atomically to
+Each finished trial is written atomically (:func:`miniresnet.files.write_atomic`) to
 ``OUT/.trials/<experiment>/<sha256 of config, seed, scale, version>.json`` (:func:`trial_key`;
 the version is the package's, plus a digest of the experiment module's source so that editing
 an experiment invalidates its cache). :func:`run_experiment` loads those first and recomputes
@@ -37,7 +37,6 @@ import json
 import os
 import signal
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator
@@ -45,6 +44,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
+
+from miniresnet.experiments.keys import canonical, code_version, sha256
+from miniresnet.files import write_atomic  # also imported from here by callers
 
 BLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 TRAINED = "_train"  # OUT/.trials/_train/: the shared trained networks (not an experiment)
@@ -79,12 +81,6 @@ class Outcome:
 
 # ---------------------------------------------------------------------------- JSON and keys
 
-def canonical(obj: Any) -> str:
-    """The canonical JSON of ``obj``: sorted keys, no spaces, NaN refused."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      allow_nan=False)
-
-
 def to_json(obj: Any) -> Any:
     """``obj`` with NumPy arrays and scalars made lists and Python numbers, tuples lists."""
     if isinstance(obj, dict):
@@ -104,30 +100,15 @@ def json_roundtrip(obj: Any) -> Any:
     return json.loads(json.dumps(to_json(obj)))
 
 
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def trial_seed(seed: int, experiment: str, config: dict) -> int:
     """The seed of the trial ``config`` of ``experiment`` in a run seeded ``seed`` (< 2**32)."""
     digest = hashlib.sha256(canonical([int(seed), experiment, config]).encode()).digest()
     return int.from_bytes(digest[:4], "big")
 
 
-def code_version(module: ModuleType) -> str:
-    """The package version and a digest of ``module``'s source file (empty if unreadable)."""
-    from miniresnet import __version__
-
-    try:
-        source = Path(module.__file__).read_bytes()
-    except (OSError, TypeError, AttributeError):
-        source = b""
-    return f"{__version__}+{hashlib.sha256(source).hexdigest()[:16]}"
-
-
 def trial_key(trial: Trial, version: str) -> str:
     """SHA-256 of the trial's config, seed, scale and the code ``version`` (the cache key)."""
-    return _sha256(canonical({"config": trial.config, "seed": trial.seed, "scale": trial.scale,
+    return sha256(canonical({"config": trial.config, "seed": trial.seed, "scale": trial.scale,
                               "version": version}))
 
 
@@ -152,30 +133,6 @@ def make_trials(name: str, module: ModuleType, scale: str, seed: int,
         config = json.loads(text)
         trials.append(Trial(name, config, trial_seed(seed, name, config), scale))
     return trials
-
-
-def _umasked() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-_UMASKED = _umasked()
-
-
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file beside it and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, _UMASKED)  # mkstemp makes it private; the result is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------------- one trial
@@ -312,7 +269,7 @@ class Dask(InProcess):
 
         futures = {}
         for i, args in enumerate(calls):
-            key = f"miniresnet-trial-{i}-{_sha256(canonical(list(args[:3])))[:16]}"
+            key = f"miniresnet-trial-{i}-{sha256(canonical(list(args[:3])))[:16]}"
             futures[self.client.submit(execute, *args, key=key, pure=False)] = i
         try:
             for future in as_completed(list(futures)):
@@ -397,7 +354,7 @@ def run_experiment(name: str, module: ModuleType, trials: list[Trial], out: str 
     """
     from tqdm.auto import tqdm
 
-    from miniresnet.config import current_backend
+    from miniresnet.backend_choice import current_backend
 
     backend = backend or current_backend().name
     ex = ex or InProcess()

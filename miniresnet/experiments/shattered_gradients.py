@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from miniresnet import inspect, nn
-from miniresnet.config import current_backend
+from miniresnet.backend_choice import current_backend
 from miniresnet.experiments import plots
 from miniresnet.experiments.answers import caveat, finite, num, sentence
 from miniresnet.experiments.claims import claim, judge, mean_and_spread

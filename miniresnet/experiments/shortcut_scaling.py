@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from miniresnet import inspect, nn
-from miniresnet.config import current_backend
+from miniresnet.backend_choice import current_backend
 from miniresnet.experiments.answers import caveat, finite, num, sentence
 from miniresnet.experiments.claims import claim, mean_and_spread
 from miniresnet.experiments.plots import figure, save

@@ -42,6 +42,8 @@ from typing import Any
 
 from miniresnet import nn
 from miniresnet.checkpoint import load_checkpoint, save_checkpoint
+from miniresnet.experiments.keys import canonical, code_version, sha256
+from miniresnet.files import write_atomic
 from miniresnet.optim import SGD
 from miniresnet.train import (
     DivergenceError,
@@ -126,14 +128,12 @@ def file_digest(path: str | os.PathLike) -> str:
 
 def train_key(cfg: dict, seed: int) -> str:
     """The store key of the net ``cfg`` trained with ``seed`` on the current backend."""
-    from miniresnet.config import current_backend
-    from miniresnet.experiments import runner
-
+    from miniresnet.backend_choice import current_backend
     data = cfg["data"]
-    return runner._sha256(runner.canonical({
+    return sha256(canonical({
         "config": cfg, "seed": int(seed), "backend": current_backend().name,
         "data_sha256": None if data == "digits" else file_digest(data),
-        "version": runner.code_version(_this_module())}))
+        "version": code_version(_this_module())}))
 
 
 def _this_module():
@@ -279,8 +279,6 @@ def _train(cfg, seed, ds, stem: Path | None, progress, after_epoch) -> Trained:
     extra = _extra(cfg, seed, history)
     if final is not None:
         save_checkpoint(final, model, optimizer, epoch=cfg["epochs"], extra=extra)
-        from miniresnet.experiments.runner import write_atomic
-
         write_atomic(final.with_suffix(".json"), json.dumps(extra, indent=1))
         with contextlib.suppress(OSError):
             partial.unlink()

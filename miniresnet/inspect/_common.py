@@ -133,7 +133,7 @@ def output_gradient(model: Network, h_last, y=None, cotangent=None) -> tuple:
 def on_backend_of(like, *values) -> tuple:
     """``values`` (arrays, Tensors or None) moved to the backend and device of ``like``, so that
     host NumPy labels or cotangents can be given for a model on any backend."""
-    from miniresnet.config import as_backend_array
+    from miniresnet.backend_choice import as_backend_array
 
     be = as_tensor(like).backend
     return tuple(None if v is None else as_backend_array(as_tensor(v).raw, backend=be)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from miniresnet.config import as_backend_array
+from miniresnet.backend_choice import as_backend_array
 from miniresnet.inspect._common import (
     check_block_index,
     check_network,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
+from miniresnet.backend_choice import current_backend
 from miniresnet.backends import Rng
-from miniresnet.config import current_backend
 
 _default = {"rng": None}
 

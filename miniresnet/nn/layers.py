@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from miniresnet import functional as F
 from miniresnet import ops
-from miniresnet.backends import Rng
-from miniresnet.config import current_backend
+from miniresnet.backend_choice import current_backend
+from miniresnet.backends import Rng, int_pair
 from miniresnet.nn.init import as_rng, initializer
 from miniresnet.nn.module import Module, parameter
 from miniresnet.tracing import as_tensor
@@ -42,9 +42,9 @@ class Conv2d(Module):
                  stride: int = 1, padding: int = 0, bias: bool = True, init: str = "he",
                  dtype: str = "float64", rng: Rng | int | None = None):
         super().__init__()
-        kh, kw = ops._pair("Conv2d", kernel_size, "kernel_size")
-        ops._pair("Conv2d", stride, "stride")
-        ops._pair("Conv2d", padding, "padding")
+        kh, kw = int_pair("Conv2d", kernel_size, "kernel_size")
+        int_pair("Conv2d", stride, "stride")
+        int_pair("Conv2d", padding, "padding")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         r = as_rng(rng)

@@ -8,7 +8,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
-from miniresnet.config import as_backend_array
+from miniresnet.backend_choice import as_backend_array
 from miniresnet.tracing import Tensor, as_tensor
 
 

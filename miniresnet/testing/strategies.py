@@ -11,8 +11,8 @@ from hypothesis import assume
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from miniresnet.config import as_backend_array, current_backend
-from miniresnet.ops import conv_output_size
+from miniresnet.backend_choice import as_backend_array, current_backend
+from miniresnet.backends import conv_output_size
 
 __all__ = ["shapes", "arrays", "host_arrays", "conv_configs", "to_backend_array"]
 

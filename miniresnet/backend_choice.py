@@ -1,4 +1,5 @@
-"""Which backend new arrays are created on: ``use_backend`` and ``MINIRESNET_BACKEND``."""
+"""Which backend new arrays are created on (``use_backend``, ``MINIRESNET_BACKEND``) and how host
+data becomes an array of it; below the tracing core, so it knows nothing of Tensors."""
 
 from __future__ import annotations
 
@@ -77,8 +78,8 @@ def as_backend_array(data, dtype=None, backend: Backend | None = None):
     current one). An array that already belongs to a backend is kept where it is, unless
     ``backend`` is given, in which case it is transferred."""
     source = known_backend(data)
-    if isinstance(data, np.generic):
-        data = np.asarray(data)  # a NumPy scalar becomes a 0-d array
+    if source is not None:
+        data = source.as_array(data)  # a NumPy scalar becomes a 0-d array
     if source is not None and (backend is None or source is backend):
         if dtype is not None and data.dtype != source.dtype(dtype):
             data = source.xp.astype(data, source.dtype(dtype))
@@ -91,20 +92,4 @@ def creation_backend(data) -> Backend:
     """Where a new tensor made from ``data`` lives: an array of a non-NumPy backend stays on its
     backend; host data (Python objects and NumPy arrays) goes to the current backend."""
     source = known_backend(data)
-    return source if source is not None and source.name != "numpy" else current_backend()
-
-
-def to_numpy(x) -> np.ndarray:
-    """A host NumPy copy of a backend array or Tensor, whatever its backend."""
-    from miniresnet.tracing import Tensor
-
-    raw = x.raw if isinstance(x, Tensor) else x
-    return backend_of(raw).to_numpy(raw) if known_backend(raw) else np.asarray(raw)
-
-
-def to_backend(x, name: str):
-    """Transfer an array or Tensor's data to backend ``name`` (returns a backend array)."""
-    from miniresnet.tracing import Tensor
-
-    raw = x.raw if isinstance(x, Tensor) else x
-    return as_backend_array(raw, backend=get_backend(name))
+    return source if source is not None and not source.is_host else current_backend()

@@ -1,0 +1,95 @@
+"""Convolution geometry: the one place that checks a stride, a padding and an output size.
+
+Every convolution-like operation (the ops ``conv``, ``conv_transpose``, ``conv_weight_grad``,
+``im2col``, ``col2im``, the pooling functions and the backends' kernels) checks its geometry
+here, so that each mistake gets the same message wherever it is made.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["conv_geometry", "conv_output_size", "int_pair"]
+
+_MINIMUM = {"stride": 1, "padding": 0}  # every other size (kernel, output) is at least 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def int_pair(name: str, value: Any, what: str) -> tuple[int, int]:
+    """``value``, an int or a pair of ints, as a pair of Python ints.
+
+    Each entry must be at least 1, or at least 0 for ``what == "padding"``.
+
+    Raises
+    ------
+    TypeError
+        If an entry is no real number (a string, a bool, None ...).
+    ValueError
+        If an entry is out of range or not integral (0, -1, 1.5), or there are not two entries.
+        Both messages read ``"{name}: {what} must be an int >= {low} or a pair of them, got
+        {value!r}"``.
+    """
+    low = _MINIMUM.get(what, 1)
+    pair = tuple(value) if isinstance(value, tuple | list) else (value, value)
+    if len(pair) == 2 and all(_is_int(v) and v >= low for v in pair):
+        return int(pair[0]), int(pair[1])
+    numbers = all(isinstance(v, float | np.floating) or _is_int(v) for v in pair)
+    raise (ValueError if numbers else TypeError)(
+        f"{name}: {what} must be an int >= {low} or a pair of them, got {value!r}")
+
+
+def conv_output_size(size: int, k: int, stride: int, padding: int) -> int:
+    """Output length of a convolution along one axis: ``(size + 2 padding - k) // stride + 1``
+    (unchecked: less than 1 when the kernel does not fit)."""
+    return (size + 2 * padding - k) // stride + 1
+
+
+def conv_geometry(
+    name: str,
+    image_size: tuple[int, int],
+    kernel_size: tuple[int, int],
+    stride: Any,
+    padding: Any,
+    output_size: tuple[int, int] | None = None,
+) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Check a 2-D convolution's geometry; return ``(stride, padding, (OH, OW))`` as int pairs.
+
+    Parameters
+    ----------
+    name : str
+        The operation, to start every message with.
+    image_size, kernel_size : pair of ints
+        ``(H, W)`` and ``(kh, kw)``, e.g. ``x.shape[-2:]`` and ``w.shape[-2:]``.
+    stride, padding : int or pair of ints
+        Checked by :func:`int_pair`.
+    output_size : pair of ints, optional
+        The spatial size an argument already has in the output space (a cotangent, the
+        patches of col2im), which must be ``(OH, OW)``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        For a bad stride or padding (see :func:`int_pair`); ValueError if the kernel does not
+        fit the padded image (or a kernel size is < 1) or ``output_size`` is not ``(OH, OW)``.
+    """
+    stride, padding = int_pair(name, stride, "stride"), int_pair(name, padding, "padding")
+    kh, kw = kernel_size
+    oh = conv_output_size(image_size[0], kh, stride[0], padding[0])
+    ow = conv_output_size(image_size[1], kw, stride[1], padding[1])
+    if oh < 1 or ow < 1 or min(kh, kw) < 1:
+        raise ValueError(
+            f"{name}: a {kh}x{kw} kernel with stride {stride} and padding {padding} does not "
+            f"fit input of spatial size {tuple(image_size)}"
+        )
+    if output_size is not None and (oh, ow) != tuple(output_size):
+        raise ValueError(
+            f"{name}: a cotangent of spatial size {tuple(output_size)} does not match an image "
+            f"of size {tuple(image_size)} with a {kh}x{kw} kernel, stride {stride} and padding "
+            f"{padding} (output size {(oh, ow)})"
+        )
+    return stride, padding, (oh, ow)

@@ -1,0 +1,227 @@
+"""Batch norm's statistics as primitives: ``standardize``, ``inv_std``, ``standardize_affine``
+and ``standardize_affine_grad``, each forward beside its derivative rules, with their checked
+wrappers.
+
+They sit above :mod:`miniresnet.transforms` because one rule (the derivative in ``x`` of
+``standardize_affine_grad``) is a nested transform of the composed expression. ``axis`` holds
+negative axes, so that stacked cotangents (extra leading axes) broadcast. ``cache``, when given,
+is an empty dict that receives the forward statistics (``"mean"``, ``"var"``, ``"inv"``,
+``"xhat"``) keyed by the input array, so that the rules reuse them and batch norm can update its
+running statistics.
+"""
+
+from __future__ import annotations
+
+import math
+
+from miniresnet import ops as o
+from miniresnet.ops import _axes, _check_dtypes
+from miniresnet.primitives import _keepdims_shape, nb
+from miniresnet.tracing import Primitive, Tensor, as_tensor, bind
+from miniresnet.transforms import jvp, vjp
+
+
+def _stats(xp, x, axis, eps, cache):
+    """The batch statistics of ``x`` over ``axis`` (reused from ``cache`` for the same ``x``)."""
+    if cache and cache.get("input") is x:
+        return cache
+    mean = xp.mean(x, axis=axis, keepdims=True)
+    centred = x - mean
+    var = xp.mean(centred * centred, axis=axis, keepdims=True)
+    inv = 1.0 / xp.sqrt(var + eps)
+    centred *= inv
+    stats = {"input": x, "mean": mean, "var": var, "inv": inv, "xhat": centred}
+    if cache is not None and not cache:
+        cache.update(stats)
+    return stats
+
+
+# -- standardize(x) = (x - mean(x)) · inv_std(x) ------------------------------------------------
+# Its Jacobian is symmetric, so one rule serves as VJP and JVP: batch norm's closed-form backward
+# g -> inv · (g - mean(g) - x^ mean(g x^)).
+def _standardize_rule(g, ans, x, axis, eps, cache):
+    inv = inv_std(x, axis, eps, cache=cache)
+    return (g - o.mean(g, axis, keepdims=True)
+            - ans * o.mean(g * ans, axis, keepdims=True)) * inv
+
+
+standardize_p = Primitive(
+    "standardize", lambda xp, x, axis, eps, cache: _stats(xp, x, axis, eps, cache)["xhat"],
+    vjp=(_standardize_rule,), jvp=(_standardize_rule,))
+
+
+# -- inv_std(x) = 1 / sqrt(var(x) + eps), with kept dimensions ----------------------------------
+def _inv_std_vjp(g, ans, x, axis, eps, cache):
+    count = math.prod(x.shape[a] for a in axis)
+    return (g * (ans * ans) * (-1.0 / count)) * standardize(x, axis, eps, cache=cache)
+
+
+def _inv_std_jvp(t, ans, x, axis, eps, cache):
+    return -(ans * ans) * o.mean(t * standardize(x, axis, eps, cache=cache), axis, keepdims=True)
+
+
+inv_std_p = Primitive(
+    "inv_std", lambda xp, x, axis, eps, cache: _stats(xp, x, axis, eps, cache)["inv"],
+    vjp=(_inv_std_vjp,), jvp=(_inv_std_jvp,))
+
+
+# -- standardize_affine(x, w, b) = standardize(x) · w + b: batch norm in training mode ---------
+# w and b hold one value per channel. The Jacobian in x is w · J_standardize, symmetric, so the
+# VJP and the JVP in x are the same map, standardize_affine_grad below.
+def _standardize_affine_impl(xp, x, w, b, axis, eps, cache):
+    keep = _keepdims_shape(x.shape, axis)
+    out = _stats(xp, x, axis, eps, cache)["xhat"] * xp.reshape(w, keep)
+    out += xp.reshape(b, keep)
+    return out
+
+
+def _channels(t, arg, x, axis):
+    """A per-channel stack ``t`` (batch + (C,)) reshaped to broadcast against ``x``."""
+    return o.reshape(t, t.shape[:nb(t, arg)] + _keepdims_shape(x.shape, axis))
+
+
+standardize_affine_p = Primitive("standardize_affine", _standardize_affine_impl,
+    vjp=(lambda g, ans, x, w, b, axis, eps, cache:
+             standardize_affine_grad(g, x, w, axis, eps, cache=cache),
+         lambda g, ans, x, w, b, axis, eps, cache:
+             o.sum(g * standardize(x, axis, eps, cache=cache), axis),
+         lambda g, ans, x, w, b, axis, eps, cache: o.sum(g, axis)),
+    jvp=(lambda t, ans, x, w, b, axis, eps, cache:
+             standardize_affine_grad(t, x, w, axis, eps, cache=cache),
+         lambda t, ans, x, w, b, axis, eps, cache:
+             _channels(t, w, x, axis) * standardize(x, axis, eps, cache=cache),
+         lambda t, ans, x, w, b, axis, eps, cache:
+             o.broadcast_to(_channels(t, b, x, axis), t.shape[:nb(t, b)] + ans.shape)))
+
+
+# -- standardize_affine_grad(g, x, w) = w inv (g - mean(g) - x^ mean(g x^)) ---------------------
+# A primitive for its few-pass forward. Linear in g and in w (closed-form rules); in x, the
+# derivative of the same expression written with other primitives, by a nested transform.
+def _standardize_affine_grad_impl(xp, g, x, w, axis, eps, cache):
+    stats = _stats(xp, x, axis, eps, cache)
+    xhat, k = stats["xhat"], xp.reshape(w, _keepdims_shape(x.shape, axis)) * stats["inv"]
+    m1 = xp.mean(g, axis=axis, keepdims=True)
+    m2 = xp.mean(g * xhat, axis=axis, keepdims=True)
+    out = g * k
+    out -= xhat * (k * m2)
+    out -= k * m1
+    return out
+
+
+def _affine_grad_composed(g, x, w, axis, eps, cache):
+    """standardize_affine_grad written with other primitives (differentiable in x)."""
+    xhat = standardize(x, axis, eps, cache=cache)
+    scale = o.reshape(w, _keepdims_shape(x.shape, axis)) * inv_std(x, axis, eps, cache=cache)
+    return scale * (g - o.mean(g, axis, keepdims=True)
+                    - xhat * o.mean(g * xhat, axis, keepdims=True))
+
+
+def _affine_grad_vjp_x(h, ans, g, x, w, axis, eps, cache):
+    _, pull = vjp(lambda xx: _affine_grad_composed(g, xx, w, axis, eps, cache), x)
+    return as_tensor(pull(h)[0])
+
+
+def _affine_grad_jvp_x(t, ans, g, x, w, axis, eps, cache):
+    return as_tensor(
+        jvp(lambda xx: _affine_grad_composed(g, xx, w, axis, eps, cache), (x,), (t,))[1])
+
+
+def _affine_grad_vjp_w(h, ans, g, x, w, axis, eps, cache):
+    unit = standardize_affine_grad(g, x, o.ones_like(w), axis, eps, cache=cache)
+    r = o.sum(h * unit, axis)  # batch + g's stack axes + channel
+    stack = g.ndim - x.ndim  # g's own leading axes: summed (w has none)
+    first = h.ndim - ans.ndim
+    return o.sum(r, tuple(range(first, first + stack))) if stack else r
+
+
+def _affine_grad_jvp_w(t, ans, g, x, w, axis, eps, cache):
+    n = nb(t, w)
+    if not n:
+        return standardize_affine_grad(g, x, t, axis, eps, cache=cache)
+    unit = standardize_affine_grad(g, x, o.ones_like(w), axis, eps, cache=cache)
+    keep = (1,) * (g.ndim - x.ndim) + _keepdims_shape(x.shape, axis)
+    return o.reshape(t, t.shape[:n] + keep) * unit
+
+
+standardize_affine_grad_p = Primitive("standardize_affine_grad", _standardize_affine_grad_impl,
+    vjp=(lambda h, ans, g, x, w, axis, eps, cache:
+             standardize_affine_grad(h, x, w, axis, eps, cache=cache),
+         _affine_grad_vjp_x,
+         _affine_grad_vjp_w),
+    jvp=(lambda t, ans, g, x, w, axis, eps, cache:
+             standardize_affine_grad(t, x, w, axis, eps, cache=cache),
+         _affine_grad_jvp_x,
+         _affine_grad_jvp_w))
+
+PRIMITIVES = {p.name: p for p in (standardize_p, inv_std_p, standardize_affine_p,
+                                  standardize_affine_grad_p)}
+
+
+# -- the checked operations ---------------------------------------------------------------------
+def _negative_axes(name: str, x: Tensor, axis) -> tuple[int, ...]:
+    return tuple(a - x.ndim for a in _axes(name, axis, x.ndim))
+
+
+def standardize(x, axis, eps: float = 1e-5, *, cache: dict | None = None) -> Tensor:
+    """``(x - mean(x)) / sqrt(var(x) + eps)`` with the statistics over ``axis`` (biased
+    variance), as batch norm computes it in training mode.
+
+    ``cache``, if given, must be an empty dict; it receives the forward statistics as backend
+    arrays (``"mean"``, ``"var"``, ``"inv"``, ``"xhat"``) for e.g. running averages.
+    """
+    x = as_tensor(x)
+    axis = _negative_axes("standardize", x, axis)
+    return bind(standardize_p, x, axis=axis, eps=float(eps),
+                cache={} if cache is None else cache)
+
+
+def inv_std(x, axis, eps: float = 1e-5, *, cache: dict | None = None) -> Tensor:
+    """``1 / sqrt(var(x) + eps)`` over ``axis`` (biased variance), with kept dimensions."""
+    x = as_tensor(x)
+    axis = _negative_axes("inv_std", x, axis)
+    return bind(inv_std_p, x, axis=axis, eps=float(eps), cache={} if cache is None else cache)
+
+
+def _channel_param(name: str, what: str, p, x: Tensor, axis) -> Tensor:
+    p = as_tensor(p)
+    want = tuple(d for i, d in enumerate(x.shape) if i not in axis)
+    if p.shape != want:
+        raise ValueError(
+            f"{name}: {what} must have shape {want} (one value per channel of x {x.shape}), got "
+            f"{p.shape}"
+        )
+    return p
+
+
+def standardize_affine(x, weight, bias, axis, eps: float = 1e-5, *,
+                       cache: dict | None = None) -> Tensor:
+    """``standardize(x, axis, eps) * weight + bias`` as one primitive (batch norm in training
+    mode); ``weight`` and ``bias`` have one value per channel: ``x``'s shape without the
+    ``axis`` axes (``(C,)`` for ``axis=(0, 2, 3)``). ``cache`` as in :func:`standardize`."""
+    x = as_tensor(x)
+    pos = _axes("standardize_affine", axis, x.ndim)
+    weight = _channel_param("standardize_affine", "weight", weight, x, pos)
+    bias = _channel_param("standardize_affine", "bias", bias, x, pos)
+    _check_dtypes("standardize_affine", (x, weight, bias))
+    return bind(standardize_affine_p, x, weight, bias, axis=tuple(a - x.ndim for a in pos),
+                eps=float(eps), cache={} if cache is None else cache)
+
+
+def standardize_affine_grad(g, x, weight, axis, eps: float = 1e-5, *,
+                            cache: dict | None = None) -> Tensor:
+    """The derivative of :func:`standardize_affine` in ``x`` applied to ``g`` (its VJP and its
+    JVP: the Jacobian is symmetric), ``weight * inv_std(x) * (g - mean(g) - x^ mean(g x^))``
+    with ``x^ = standardize(x)``; ``g`` may carry leading batch axes."""
+    g, x = as_tensor(g), as_tensor(x)
+    pos = _axes("standardize_affine_grad", axis, x.ndim)
+    weight = _channel_param("standardize_affine_grad", "weight", weight, x, pos)
+    if g.shape[g.ndim - x.ndim:] != x.shape:
+        raise ValueError(
+            f"standardize_affine_grad: g of shape {g.shape} must end with x's shape {x.shape}"
+        )
+    _check_dtypes("standardize_affine_grad", (g, x, weight))
+    return bind(standardize_affine_grad_p, g, x, weight, axis=tuple(a - x.ndim for a in pos),
+                eps=float(eps), cache={} if cache is None else cache)
+
+
+__all__ = ["inv_std", "standardize", "standardize_affine", "standardize_affine_grad"]
