@@ -71,9 +71,9 @@ def _update_running(stat, batch, momentum: float) -> None:
     old = stat.raw if isinstance(stat, Tensor) else stat
     new = old * (1 - momentum) + batch * momentum
     if isinstance(stat, Tensor):
-        if stat._level:
+        if stat.requires_grad:
             raise ValueError("batch_norm: running statistics must not require grad")
-        stat._value = new
+        stat.data = new
     else:
         stat[...] = new
 

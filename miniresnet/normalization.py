@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import math
 
-from miniresnet import ops as o
+from miniresnet import ops
 from miniresnet.ops import _axes, _check_dtypes
-from miniresnet.primitives import _keepdims_shape, nb
+from miniresnet.primitives import _keepdims_shape, batch_ndim
 from miniresnet.tracing import Primitive, Tensor, as_tensor, bind
 from miniresnet.transforms import jvp, vjp
 
@@ -41,8 +41,8 @@ def _stats(xp, x, axis, eps, cache):
 # g -> inv · (g - mean(g) - x^ mean(g x^)).
 def _standardize_rule(g, ans, x, axis, eps, cache):
     inv = inv_std(x, axis, eps, cache=cache)
-    return (g - o.mean(g, axis, keepdims=True)
-            - ans * o.mean(g * ans, axis, keepdims=True)) * inv
+    return (g - ops.mean(g, axis, keepdims=True)
+            - ans * ops.mean(g * ans, axis, keepdims=True)) * inv
 
 
 standardize_p = Primitive(
@@ -57,7 +57,7 @@ def _inv_std_vjp(g, ans, x, axis, eps, cache):
 
 
 def _inv_std_jvp(t, ans, x, axis, eps, cache):
-    return -(ans * ans) * o.mean(t * standardize(x, axis, eps, cache=cache), axis, keepdims=True)
+    return -(ans * ans) * ops.mean(t * standardize(x, axis, eps, cache=cache), axis, keepdims=True)
 
 
 inv_std_p = Primitive(
@@ -77,21 +77,21 @@ def _standardize_affine_impl(xp, x, w, b, axis, eps, cache):
 
 def _channels(t, arg, x, axis):
     """A per-channel stack ``t`` (batch + (C,)) reshaped to broadcast against ``x``."""
-    return o.reshape(t, t.shape[:nb(t, arg)] + _keepdims_shape(x.shape, axis))
+    return ops.reshape(t, t.shape[:batch_ndim(t, arg)] + _keepdims_shape(x.shape, axis))
 
 
 standardize_affine_p = Primitive("standardize_affine", _standardize_affine_impl,
     vjp=(lambda g, ans, x, w, b, axis, eps, cache:
              standardize_affine_grad(g, x, w, axis, eps, cache=cache),
          lambda g, ans, x, w, b, axis, eps, cache:
-             o.sum(g * standardize(x, axis, eps, cache=cache), axis),
-         lambda g, ans, x, w, b, axis, eps, cache: o.sum(g, axis)),
+             ops.sum(g * standardize(x, axis, eps, cache=cache), axis),
+         lambda g, ans, x, w, b, axis, eps, cache: ops.sum(g, axis)),
     jvp=(lambda t, ans, x, w, b, axis, eps, cache:
              standardize_affine_grad(t, x, w, axis, eps, cache=cache),
          lambda t, ans, x, w, b, axis, eps, cache:
              _channels(t, w, x, axis) * standardize(x, axis, eps, cache=cache),
          lambda t, ans, x, w, b, axis, eps, cache:
-             o.broadcast_to(_channels(t, b, x, axis), t.shape[:nb(t, b)] + ans.shape)))
+             ops.broadcast_to(_channels(t, b, x, axis), t.shape[:batch_ndim(t, b)] + ans.shape)))
 
 
 # -- standardize_affine_grad(g, x, w) = w inv (g - mean(g) - x^ mean(g x^)) ---------------------
@@ -111,9 +111,9 @@ def _standardize_affine_grad_impl(xp, g, x, w, axis, eps, cache):
 def _affine_grad_composed(g, x, w, axis, eps, cache):
     """standardize_affine_grad written with other primitives (differentiable in x)."""
     xhat = standardize(x, axis, eps, cache=cache)
-    scale = o.reshape(w, _keepdims_shape(x.shape, axis)) * inv_std(x, axis, eps, cache=cache)
-    return scale * (g - o.mean(g, axis, keepdims=True)
-                    - xhat * o.mean(g * xhat, axis, keepdims=True))
+    scale = ops.reshape(w, _keepdims_shape(x.shape, axis)) * inv_std(x, axis, eps, cache=cache)
+    return scale * (g - ops.mean(g, axis, keepdims=True)
+                    - xhat * ops.mean(g * xhat, axis, keepdims=True))
 
 
 def _affine_grad_vjp_x(h, ans, g, x, w, axis, eps, cache):
@@ -127,20 +127,20 @@ def _affine_grad_jvp_x(t, ans, g, x, w, axis, eps, cache):
 
 
 def _affine_grad_vjp_w(h, ans, g, x, w, axis, eps, cache):
-    unit = standardize_affine_grad(g, x, o.ones_like(w), axis, eps, cache=cache)
-    r = o.sum(h * unit, axis)  # batch + g's stack axes + channel
+    unit = standardize_affine_grad(g, x, ops.ones_like(w), axis, eps, cache=cache)
+    r = ops.sum(h * unit, axis)  # batch + g's stack axes + channel
     stack = g.ndim - x.ndim  # g's own leading axes: summed (w has none)
     first = h.ndim - ans.ndim
-    return o.sum(r, tuple(range(first, first + stack))) if stack else r
+    return ops.sum(r, tuple(range(first, first + stack))) if stack else r
 
 
 def _affine_grad_jvp_w(t, ans, g, x, w, axis, eps, cache):
-    n = nb(t, w)
+    n = batch_ndim(t, w)
     if not n:
         return standardize_affine_grad(g, x, t, axis, eps, cache=cache)
-    unit = standardize_affine_grad(g, x, o.ones_like(w), axis, eps, cache=cache)
+    unit = standardize_affine_grad(g, x, ops.ones_like(w), axis, eps, cache=cache)
     keep = (1,) * (g.ndim - x.ndim) + _keepdims_shape(x.shape, axis)
-    return o.reshape(t, t.shape[:n] + keep) * unit
+    return ops.reshape(t, t.shape[:n] + keep) * unit
 
 
 standardize_affine_grad_p = Primitive("standardize_affine_grad", _standardize_affine_grad_impl,

@@ -11,7 +11,7 @@ import builtins
 import functools
 from collections.abc import Sequence
 
-from miniresnet import primitives as P
+from miniresnet import primitives
 from miniresnet.backends import (
     PYTHON_SCALARS,
     backend_of,
@@ -21,13 +21,14 @@ from miniresnet.backends import (
     python_scalar,
 )
 from miniresnet.tracing import (
+    OPERATIONS,
     Tensor,
     as_tensor,
     bind,
     dtype_name,
     is_recorded,
-    make,
     raise_mixed_backends,
+    wrap,
 )
 
 
@@ -52,7 +53,7 @@ def _backends_differ(tensors) -> bool:
 
 def _check_dtypes(name: str, tensors) -> None:
     if len({type(t.raw) for t in tensors}) > 1 and _backends_differ(tensors):
-        raise_mixed_backends(P.PRIMITIVES.get(name) or name, tensors)
+        raise_mixed_backends(primitives.PRIMITIVES.get(name) or name, tensors)
     dtypes = {t.dtype for t in tensors}
     if len(dtypes) > 1:
         listed = " and ".join(sorted(dtype_name(d) for d in dtypes))
@@ -136,64 +137,64 @@ def _constant(fn, *args):
     raws = [a.raw if isinstance(a, Tensor) else a for a in args]
     arrays = [r for r in raws if type(r) not in PYTHON_SCALARS]
     be = as_tensor(arrays[0]).backend
-    return make(be.as_array(fn(be.xp, *raws)))
+    return wrap(be.as_array(fn(be.xp, *raws)))
 
 
 # -- elementwise --------------------------------------------------------------------------------
 def add(x, y) -> Tensor:
     """``x + y`` with broadcasting."""
-    return _elementwise(P.add, x, y)
+    return _elementwise(primitives.add, x, y)
 
 
 def sub(x, y) -> Tensor:
     """``x - y`` with broadcasting."""
-    return _elementwise(P.sub, x, y)
+    return _elementwise(primitives.sub, x, y)
 
 
 def mul(x, y) -> Tensor:
     """``x * y`` with broadcasting."""
-    return _elementwise(P.mul, x, y)
+    return _elementwise(primitives.mul, x, y)
 
 
 def div(x, y) -> Tensor:
     """``x / y`` with broadcasting."""
-    return _elementwise(P.div, x, y)
+    return _elementwise(primitives.div, x, y)
 
 
 def neg(x) -> Tensor:
-    return bind(P.neg, as_tensor(x))
+    return bind(primitives.neg, as_tensor(x))
 
 
 def power(x, p: float) -> Tensor:
     """``x ** p`` for a Python scalar exponent ``p``."""
     if not isinstance(p, PYTHON_SCALARS):
         raise TypeError(f"pow: the exponent must be a Python scalar, got {type(p).__name__}")
-    return bind(P.power, as_tensor(x), p)
+    return bind(primitives.power, as_tensor(x), p)
 
 
 def exp(x) -> Tensor:
-    return bind(P.exp, as_tensor(x))
+    return bind(primitives.exp, as_tensor(x))
 
 
 def log(x) -> Tensor:
-    return bind(P.log, as_tensor(x))
+    return bind(primitives.log, as_tensor(x))
 
 
 def sqrt(x) -> Tensor:
-    return bind(P.sqrt, as_tensor(x))
+    return bind(primitives.sqrt, as_tensor(x))
 
 
 def tanh(x) -> Tensor:
-    return bind(P.tanh, as_tensor(x))
+    return bind(primitives.tanh, as_tensor(x))
 
 
 def sigmoid(x) -> Tensor:
-    return bind(P.sigmoid, as_tensor(x))
+    return bind(primitives.sigmoid, as_tensor(x))
 
 
 def relu(x) -> Tensor:
     """``max(x, 0)``; its derivative at 0 is taken to be 0."""
-    return bind(P.relu, as_tensor(x))
+    return bind(primitives.relu, as_tensor(x))
 
 
 def where(condition, x, y) -> Tensor:
@@ -207,7 +208,7 @@ def where(condition, x, y) -> Tensor:
         raise TypeError("where: x or y must be an array")
     x = full_like(like, x) if not isinstance(x, Tensor) else x
     y = full_like(like, y) if not isinstance(y, Tensor) else y
-    return _elementwise(P.where, c, x, y)
+    return _elementwise(primitives.where, c, x, y)
 
 
 def astype(x, dtype) -> Tensor:
@@ -215,7 +216,7 @@ def astype(x, dtype) -> Tensor:
     x = as_tensor(x)
     if isinstance(dtype, str):
         dtype = x.backend.dtype(dtype)
-    return x if x.dtype == dtype else bind(P.astype, x, dtype=dtype)
+    return x if x.dtype == dtype else bind(primitives.astype, x, dtype=dtype)
 
 
 # -- comparisons (constants: not differentiable) -------------------------------------------------
@@ -263,7 +264,7 @@ def full_like(x, value) -> Tensor:
 def sum(x, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
     """Sum over ``axis`` (an int, a tuple of ints or None for all axes)."""
     x = as_tensor(x)
-    return bind(P.sum_, x, axis=_axes("sum", axis, x.ndim), keepdims=keepdims)
+    return bind(primitives.sum_, x, axis=_axes("sum", axis, x.ndim), keepdims=keepdims)
 
 
 def mean(x, axis=None, keepdims: bool = False) -> Tensor:
@@ -292,13 +293,13 @@ def max(x, axis=None, keepdims: bool = False) -> Tensor:  # noqa: A001
     x = as_tensor(x)
     if x.size == 0:
         raise ValueError(f"max: empty tensor of shape {x.shape}")
-    return bind(P.max_, x, axis=_axes("max", axis, x.ndim), keepdims=keepdims)
+    return bind(primitives.max_, x, axis=_axes("max", axis, x.ndim), keepdims=keepdims)
 
 
 def logsumexp(x, axis=None, keepdims: bool = False) -> Tensor:
     """``log(sum(exp(x), axis))`` computed without overflow."""
     x = as_tensor(x)
-    return bind(P.logsumexp, x, axis=_axes("logsumexp", axis, x.ndim), keepdims=keepdims)
+    return bind(primitives.logsumexp, x, axis=_axes("logsumexp", axis, x.ndim), keepdims=keepdims)
 
 
 def log_softmax(x, axis: int = -1) -> Tensor:
@@ -323,7 +324,7 @@ def reshape(x, shape) -> Tensor:
         raise ValueError(f"reshape: cannot reshape a tensor of shape {x.shape} into {shape}")
     if -1 in shape:
         shape = tuple(x.size // known if d == -1 else d for d in shape)
-    return x if shape == x.shape else bind(P.reshape, x, shape=shape)
+    return x if shape == x.shape else bind(primitives.reshape, x, shape=shape)
 
 
 def transpose(x, axes=None) -> Tensor:
@@ -332,7 +333,7 @@ def transpose(x, axes=None) -> Tensor:
     axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(a % x.ndim for a in axes)
     if sorted(axes) != list(range(x.ndim)):
         raise ValueError(f"transpose: {axes} is not a permutation of the axes of shape {x.shape}")
-    return x if axes == tuple(range(x.ndim)) else bind(P.transpose, x, axes=axes)
+    return x if axes == tuple(range(x.ndim)) else bind(primitives.transpose, x, axes=axes)
 
 
 def matrix_transpose(x) -> Tensor:
@@ -348,7 +349,7 @@ def broadcast_to(x, shape) -> Tensor:
     shape = tuple(shape)
     if broadcast_shapes("broadcast_to", x.shape, shape) != shape:
         raise ValueError(f"broadcast_to: cannot broadcast shape {x.shape} to {shape}")
-    return x if x.shape == shape else bind(P.broadcast_to, x, shape=shape)
+    return x if x.shape == shape else bind(primitives.broadcast_to, x, shape=shape)
 
 
 def _basic_index(index) -> tuple:
@@ -369,14 +370,14 @@ def getitem(x, index) -> Tensor:
     x = as_tensor(x)
     index = _basic_index(index)
     try:
-        return bind(P.getitem, x, index=index)
+        return bind(primitives.getitem, x, index=index)
     except IndexError as e:
         raise IndexError(f"getitem: index {index} is invalid for shape {x.shape}: {e}") from None
 
 
 def untake(g, index, shape) -> Tensor:
     """A zero tensor of ``shape`` with ``g`` written at ``index`` (the adjoint of getitem)."""
-    return bind(P.untake, as_tensor(g), index=_basic_index(index), shape=tuple(shape))
+    return bind(primitives.untake, as_tensor(g), index=_basic_index(index), shape=tuple(shape))
 
 
 def pad(x, widths) -> Tensor:
@@ -388,7 +389,7 @@ def pad(x, widths) -> Tensor:
             f"pad: widths must give non-negative (before, after) pairs for each of the "
             f"{x.ndim} axes of shape {x.shape}, got {widths}"
         )
-    return bind(P.pad, x, widths=widths)
+    return bind(primitives.pad, x, widths=widths)
 
 
 def concat(xs: Sequence, axis: int = 0) -> Tensor:
@@ -404,7 +405,7 @@ def concat(xs: Sequence, axis: int = 0) -> Tensor:
             f"concat: shapes {[x.shape for x in xs]} differ outside axis {axis}"
         )
     _check_dtypes("concat", xs)
-    return bind(P.concat, *xs, axis=axis)
+    return bind(primitives.concat, *xs, axis=axis)
 
 
 def stack(xs: Sequence, axis: int = 0) -> Tensor:
@@ -436,7 +437,7 @@ def matmul(x, y) -> Tensor:
         batch = broadcast_shapes("matmul", x.shape[:-2], y.shape[:-2])
         x = broadcast_to(x, batch + x.shape[-2:])
         y = broadcast_to(y, batch + y.shape[-2:])
-    return bind(P.matmul, x, y)
+    return bind(primitives.matmul, x, y)
 
 
 def tensordot(x, y, axes=2) -> Tensor:
@@ -456,7 +457,7 @@ def tensordot(x, y, axes=2) -> Tensor:
             f"shape {y.shape}"
         )
     _check_dtypes("tensordot", (x, y))
-    return bind(P.tensordot, x, y, axes=(xa, ya))
+    return bind(primitives.tensordot, x, y, axes=(xa, ya))
 
 
 def im2col(x, kh: int, kw: int, stride=1, padding=0) -> Tensor:
@@ -466,7 +467,7 @@ def im2col(x, kh: int, kw: int, stride=1, padding=0) -> Tensor:
     if x.ndim < 3:
         raise ValueError(f"im2col: expected (..., C, H, W), got shape {x.shape}")
     stride, padding, _ = conv_geometry("im2col", x.shape[-2:], (kh, kw), stride, padding)
-    return bind(P.im2col, x, kh=kh, kw=kw, stride=stride, padding=padding)
+    return bind(primitives.im2col, x, kh=kh, kw=kw, stride=stride, padding=padding)
 
 
 def col2im(cols, height: int, width: int, stride=1, padding=0) -> Tensor:
@@ -477,7 +478,7 @@ def col2im(cols, height: int, width: int, stride=1, padding=0) -> Tensor:
         raise ValueError(f"col2im: expected (..., C, kh, kw, OH, OW), got shape {cols.shape}")
     stride, padding, _ = conv_geometry("col2im", (height, width), cols.shape[-4:-2], stride,
                                        padding, cols.shape[-2:])
-    return bind(P.col2im, cols, height=height, width=width, stride=stride, padding=padding)
+    return bind(primitives.col2im, cols, height=height, width=width, stride=stride, padding=padding)
 
 
 def _conv_operands(name: str, a, b, same: tuple[int, int], layout: str):
@@ -502,7 +503,7 @@ def conv(x, w, stride=1, padding=0, *, cache: dict | None = None) -> Tensor:
     stride, padding = _conv_geometry("conv", x.shape[-2:], w.shape[-2:], stride, padding)
     if cache is None and is_recorded(w):  # a filter gradient may be asked for: keep patches
         cache = {}
-    return bind(P.conv, x, w, stride=stride, padding=padding, cache=cache)
+    return bind(primitives.conv, x, w, stride=stride, padding=padding, cache=cache)
 
 
 def conv_transpose(g, w, height: int, width: int, stride=1, padding=0, *,
@@ -513,7 +514,7 @@ def conv_transpose(g, w, height: int, width: int, stride=1, padding=0, *,
                           "g (..., N, F, OH, OW) and w (..., F, C, kh, kw) with equal F")
     stride, padding = _conv_geometry("conv_transpose", (height, width), w.shape[-2:], stride,
                                      padding, g.shape[-2:])
-    return bind(P.conv_transpose, g, w, height=height, width=width, stride=stride,
+    return bind(primitives.conv_transpose, g, w, height=height, width=width, stride=stride,
                 padding=padding, cache=cache)
 
 
@@ -525,39 +526,15 @@ def conv_weight_grad(x, g, kh: int, kw: int, stride=1, padding=0, *,
                           "x (..., N, C, H, W) and g (..., N, F, OH, OW) with equal N")
     stride, padding = _conv_geometry("conv_weight_grad", x.shape[-2:], (kh, kw), stride,
                                      padding, g.shape[-2:])
-    return bind(P.conv_weight_grad, x, g, kh=kh, kw=kw, stride=stride, padding=padding,
+    return bind(primitives.conv_weight_grad, x, g, kh=kh, kw=kw, stride=stride, padding=padding,
                 cache=cache)
 
 
-# -- Tensor operators and methods -----------------------------------------------------------------
-def _reflect(fn):
-    return lambda self, other: fn(other, self)
-
-
-def _no_tensor_exponent(self, other):
-    raise TypeError("pow: only a Python scalar exponent is supported (x ** p)")
-
-
-_METHODS = {
-    "__add__": add, "__radd__": _reflect(add), "__sub__": sub, "__rsub__": _reflect(sub),
-    "__mul__": mul, "__rmul__": _reflect(mul), "__truediv__": div,
-    "__rtruediv__": _reflect(div), "__neg__": neg, "__pow__": power,
-    "__rpow__": _no_tensor_exponent, "__matmul__": matmul, "__rmatmul__": _reflect(matmul),
-    "__getitem__": getitem, "__gt__": greater, "__ge__": greater_equal, "__lt__": less,
-    "__le__": less_equal, "__eq__": equal, "__pos__": lambda self: self,
-    "sum": sum, "mean": mean, "var": var, "max": max, "logsumexp": logsumexp,
-    "reshape": lambda self, *shape: reshape(
-        self, shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape),
-    "transpose": lambda self, *axes: transpose(
-        self, (axes[0] if len(axes) == 1 and not isinstance(axes[0], int) else axes) or None),
-    "exp": exp, "log": log, "sqrt": sqrt, "tanh": tanh, "sigmoid": sigmoid, "relu": relu,
-    "astype": astype,
-}
-for _name, _fn in _METHODS.items():
-    setattr(Tensor, _name, _fn)
-Tensor.T = property(lambda self: transpose(self))
-Tensor.mT = property(matrix_transpose)
-del _name, _fn
+# -- what Tensor's operators and methods call ---------------------------------------------------
+OPERATIONS.update({f.__name__: f for f in (
+    add, sub, mul, div, neg, power, matmul, getitem, greater, greater_equal, less, less_equal,
+    equal, sum, mean, var, max, logsumexp, reshape, transpose, matrix_transpose, exp, log, sqrt,
+    tanh, sigmoid, relu, astype)})
 
 
 __all__ = [

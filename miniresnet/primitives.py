@@ -12,13 +12,14 @@ Each entry gives
 Rules are written with miniresnet's own operations (Tensor operators and :mod:`miniresnet.ops`),
 never with raw arrays, so they are differentiable: derivatives of any order come for free.
 VJP rules accept a cotangent with extra leading *batch* axes (shape ``batch + ans.shape``) and
-return ``batch + arg.shape``; ``nb(g, ans)`` is the number of such axes. JVP rules likewise
-accept a tangent of shape ``batch + arg.shape`` and return ``batch + ans.shape``
-(``nb(t, arg)`` axes). This is what lets one reverse pass carry a whole stack of cotangents and
-one forward pass a whole stack of tangents (exact Jacobians in a few passes). The linear maps
-whose forward fixes the rank of an argument (reshape, transpose, sum, matmul, conv...) apply
-themselves to a stack with shifted parameters, or fold the stack into an axis they already map
-independently (a conv's filters or channels), as their VJP rules do for cotangents.
+return ``batch + arg.shape``; ``batch_ndim(g, ans)`` is the number of such axes. JVP rules
+likewise accept a tangent of shape ``batch + arg.shape`` and return ``batch + ans.shape``
+(``batch_ndim(t, arg)`` axes). This is what lets one reverse pass carry a whole stack of
+cotangents and one forward pass a whole stack of tangents (exact Jacobians in a few passes).
+The linear maps whose forward fixes the rank of an argument (reshape, transpose, sum, matmul,
+conv...) apply themselves to a stack with shifted parameters, or fold the stack into an axis
+they already map independently (a conv's filters or channels), as their VJP rules do for
+cotangents.
 
 Elementwise primitives see operands of one shape: :mod:`miniresnet.ops` broadcasts explicitly
 with the ``broadcast_to`` primitive, whose VJP is the matching un-broadcast (a sum).
@@ -35,22 +36,21 @@ from __future__ import annotations
 
 import math
 
-from miniresnet import ops as o
-from miniresnet import tracing
+from miniresnet import ops, tracing
 from miniresnet.backends import backend_of
 from miniresnet.tracing import Primitive
 
 LINEAR = "linear"
 
 
-def nb(g, ans) -> int:
+def batch_ndim(g, ans) -> int:
     """Number of leading batch axes a cotangent carries beyond the primal output's axes."""
     return g.ndim - ans.ndim
 
 
 def _mask(cond, like):
     """A constant 0/1 mask with ``like``'s dtype (no derivative flows through it)."""
-    return o.astype(cond, like.dtype)
+    return ops.astype(cond, like.dtype)
 
 
 def _keepdims_shape(shape, axis):
@@ -61,8 +61,8 @@ def _keepdims_shape(shape, axis):
 
 def _expand(g, ans, x, axis, keepdims):
     """Reshape a reduction's cotangent so that it broadcasts against ``x`` (batch axes kept)."""
-    lead = g.shape[: nb(g, ans)]
-    return g if keepdims else o.reshape(g, lead + _keepdims_shape(x.shape, axis))
+    lead = g.shape[: batch_ndim(g, ans)]
+    return g if keepdims else ops.reshape(g, lead + _keepdims_shape(x.shape, axis))
 
 
 def _unbroadcast(g, x_shape, out_shape):
@@ -73,12 +73,12 @@ def _unbroadcast(g, x_shape, out_shape):
         lead + extra + i for i, d in enumerate(x_shape) if d == 1 and out_shape[extra + i] != 1
     )
     if axes:
-        g = o.sum(g, axis=axes, keepdims=True)
-    return o.reshape(g, g.shape[:lead] + tuple(x_shape))
+        g = ops.sum(g, axis=axes, keepdims=True)
+    return ops.reshape(g, g.shape[:lead] + tuple(x_shape))
 
 
 def _batched_index(g, ans, index):
-    return (slice(None),) * nb(g, ans) + index
+    return (slice(None),) * batch_ndim(g, ans) + index
 
 
 def _shifted(axes, n):
@@ -125,17 +125,17 @@ sigmoid = Primitive("sigmoid", lambda xp, x: 0.5 * (xp.tanh(0.5 * x) + 1.0),  # 
     vjp=(lambda g, ans, x: g * (ans * (1.0 - ans)),),
     jvp=(lambda t, ans, x: t * (ans * (1.0 - ans)),))
 relu = Primitive("relu", lambda xp, x: xp.maximum(x, 0.0),  # d/dx = 0 at 0; relu(nan) = nan
-    vjp=(lambda g, ans, x: g * _mask(o.greater(ans, 0.0), ans),),  # a mask: fewer passes than where
-    jvp=(lambda t, ans, x: t * _mask(o.greater(ans, 0.0), ans),))
+    vjp=(lambda g, ans, x: g * _mask(ops.greater(ans, 0.0), ans),),  # a mask: fewer passes
+    jvp=(lambda t, ans, x: t * _mask(ops.greater(ans, 0.0), ans),))
 where = Primitive("where", lambda xp, c, x, y: xp.where(c, x, y),  # c: a boolean constant
     vjp=(None,
-         lambda g, ans, c, x, y: o.where(c, g, 0.0),
-         lambda g, ans, c, x, y: o.where(c, 0.0, g)),
+         lambda g, ans, c, x, y: ops.where(c, g, 0.0),
+         lambda g, ans, c, x, y: ops.where(c, 0.0, g)),
     jvp=(None,
-         lambda t, ans, c, x, y: o.where(c, t, 0.0),
-         lambda t, ans, c, x, y: o.where(c, 0.0, t)))
+         lambda t, ans, c, x, y: ops.where(c, t, 0.0),
+         lambda t, ans, c, x, y: ops.where(c, 0.0, t)))
 astype = Primitive("astype", lambda xp, x, dtype: xp.astype(x, dtype),
-    vjp=(lambda g, ans, x, dtype: o.astype(g, x.dtype),),
+    vjp=(lambda g, ans, x, dtype: ops.astype(g, x.dtype),),
     jvp=LINEAR)
 # fmt: on
 
@@ -151,27 +151,27 @@ def _logsumexp_impl(xp, x, axis, keepdims):
 
 def _max_weights(ans, x, axis, keepdims):
     """Where ``x`` attains its max, split evenly among ties (a constant)."""
-    a = ans if keepdims else o.reshape(ans, _keepdims_shape(x.shape, axis))
-    hit = _mask(o.equal(x, a), x)
-    return hit / o.sum(hit, axis=axis, keepdims=True)
+    a = ans if keepdims else ops.reshape(ans, _keepdims_shape(x.shape, axis))
+    hit = _mask(ops.equal(x, a), x)
+    return hit / ops.sum(hit, axis=axis, keepdims=True)
 
 
 # fmt: off
 sum_ = Primitive("sum", lambda xp, x, axis, keepdims: xp.sum(x, axis=axis, keepdims=keepdims),
-    vjp=(lambda g, ans, x, axis, keepdims: o.broadcast_to(
-             _expand(g, ans, x, axis, keepdims), g.shape[:nb(g, ans)] + x.shape),),
-    jvp=(lambda t, ans, x, axis, keepdims: o.sum(t, _shifted(axis, nb(t, x)), keepdims),))
+    vjp=(lambda g, ans, x, axis, keepdims: ops.broadcast_to(
+             _expand(g, ans, x, axis, keepdims), g.shape[:batch_ndim(g, ans)] + x.shape),),
+    jvp=(lambda t, ans, x, axis, keepdims: ops.sum(t, _shifted(axis, batch_ndim(t, x)), keepdims),))
 max_ = Primitive("max", lambda xp, x, axis, keepdims: xp.max(x, axis=axis, keepdims=keepdims),
     vjp=(lambda g, ans, x, axis, keepdims:
              _expand(g, ans, x, axis, keepdims) * _max_weights(ans, x, axis, keepdims),),
-    jvp=(lambda t, ans, x, axis, keepdims: o.sum(t * _max_weights(ans, x, axis, keepdims),
-                                                 _shifted(axis, nb(t, x)), keepdims),))
+    jvp=(lambda t, ans, x, axis, keepdims: ops.sum(t * _max_weights(ans, x, axis, keepdims),
+                                                 _shifted(axis, batch_ndim(t, x)), keepdims),))
 logsumexp = Primitive("logsumexp", _logsumexp_impl,
     vjp=(lambda g, ans, x, axis, keepdims: _expand(g, ans, x, axis, keepdims)
-             * o.exp(x - _expand(ans, ans, x, axis, keepdims)),),
-    jvp=(lambda t, ans, x, axis, keepdims: o.sum(
-             t * o.exp(x - _expand(ans, ans, x, axis, keepdims)), _shifted(axis, nb(t, x)),
-             keepdims),))
+             * ops.exp(x - _expand(ans, ans, x, axis, keepdims)),),
+    jvp=(lambda t, ans, x, axis, keepdims: ops.sum(
+             t * ops.exp(x - _expand(ans, ans, x, axis, keepdims)),
+             _shifted(axis, batch_ndim(t, x)), keepdims),))
 # fmt: on
 
 
@@ -184,11 +184,11 @@ def _inverse(perm):
 
 
 def _broadcast_jvp(t, ans, x, shape):
-    n = nb(t, x)
+    n = batch_ndim(t, x)
     lead = t.shape[:n]
     if n and len(shape) > x.ndim:  # line x's axes up with the trailing axes of shape
-        t = o.reshape(t, lead + (1,) * (len(shape) - x.ndim) + x.shape)
-    return o.broadcast_to(t, lead + shape)
+        t = ops.reshape(t, lead + (1,) * (len(shape) - x.ndim) + x.shape)
+    return ops.broadcast_to(t, lead + shape)
 
 
 def _untake_impl(xp, g, index, shape):
@@ -216,7 +216,7 @@ def _pad_impl(xp, x, widths):
 
 def _unpad(g, ans, x, widths):
     index = tuple(slice(lo, lo + d) for d, (lo, _) in zip(x.shape, widths))
-    return o.getitem(g, _batched_index(g, ans, index))
+    return ops.getitem(g, _batched_index(g, ans, index))
 
 
 def _concat_vjp(argnum):
@@ -224,7 +224,7 @@ def _concat_vjp(argnum):
         start = sum(a.shape[axis] for a in args[:argnum])
         index = [slice(None)] * ans.ndim
         index[axis] = slice(start, start + args[argnum].shape[axis])
-        return o.getitem(g, _batched_index(g, ans, tuple(index)))
+        return ops.getitem(g, _batched_index(g, ans, tuple(index)))
 
     return rule
 
@@ -234,34 +234,34 @@ def _concat_jvp(argnum):
         before = sum(a.shape[axis] for a in args[:argnum])
         widths = [(0, 0)] * ans.ndim
         widths[axis] = (before, ans.shape[axis] - before - args[argnum].shape[axis])
-        return o.pad(t, ((0, 0),) * nb(t, ans) + tuple(widths))
+        return ops.pad(t, ((0, 0),) * batch_ndim(t, ans) + tuple(widths))
 
     return rule
 
 
 # fmt: off
 reshape = Primitive("reshape", lambda xp, x, shape: xp.reshape(x, shape),
-    vjp=(lambda g, ans, x, shape: o.reshape(g, g.shape[:nb(g, ans)] + x.shape),),
-    jvp=(lambda t, ans, x, shape: o.reshape(t, t.shape[:nb(t, x)] + shape),))
+    vjp=(lambda g, ans, x, shape: ops.reshape(g, g.shape[:batch_ndim(g, ans)] + x.shape),),
+    jvp=(lambda t, ans, x, shape: ops.reshape(t, t.shape[:batch_ndim(t, x)] + shape),))
 transpose = Primitive("transpose", lambda xp, x, axes: xp.permute_dims(x, axes),
-    vjp=(lambda g, ans, x, axes: o.transpose(g, tuple(range(nb(g, ans))) + tuple(
-             nb(g, ans) + i for i in _inverse(axes))),),
-    jvp=(lambda t, ans, x, axes: o.transpose(t, tuple(range(nb(t, x))) + _shifted(
-             axes, nb(t, x))),))
+    vjp=(lambda g, ans, x, axes: ops.transpose(g, tuple(range(batch_ndim(g, ans))) + tuple(
+             batch_ndim(g, ans) + i for i in _inverse(axes))),),
+    jvp=(lambda t, ans, x, axes: ops.transpose(t, tuple(range(batch_ndim(t, x))) + _shifted(
+             axes, batch_ndim(t, x))),))
 broadcast_to = Primitive("broadcast_to", lambda xp, x, shape: xp.broadcast_to(x, shape),
     vjp=(lambda g, ans, x, shape: _unbroadcast(g, x.shape, shape),),
     jvp=(_broadcast_jvp,))
 getitem = Primitive("getitem", lambda xp, x, index: x[index],  # basic indexing only
-    vjp=(lambda g, ans, x, index: o.untake(
-             g, _batched_index(g, ans, index), g.shape[:nb(g, ans)] + x.shape),),
-    jvp=(lambda t, ans, x, index: o.getitem(t, _batched_index(t, x, index)),))
+    vjp=(lambda g, ans, x, index: ops.untake(
+             g, _batched_index(g, ans, index), g.shape[:batch_ndim(g, ans)] + x.shape),),
+    jvp=(lambda t, ans, x, index: ops.getitem(t, _batched_index(t, x, index)),))
 untake = Primitive("untake", _untake_impl,  # zeros(shape) with g written at index
-    vjp=(lambda g, ans, x, index, shape: o.getitem(g, _batched_index(g, ans, index)),),
-    jvp=(lambda t, ans, x, index, shape: o.untake(
-             t, _batched_index(t, x, index), t.shape[:nb(t, x)] + shape),))
+    vjp=(lambda g, ans, x, index, shape: ops.getitem(g, _batched_index(g, ans, index)),),
+    jvp=(lambda t, ans, x, index, shape: ops.untake(
+             t, _batched_index(t, x, index), t.shape[:batch_ndim(t, x)] + shape),))
 pad = Primitive("pad", _pad_impl,  # zero padding, widths: ((lo, hi), ...) per axis
     vjp=(_unpad,),
-    jvp=(lambda t, ans, x, widths: o.pad(t, ((0, 0),) * nb(t, x) + widths),))
+    jvp=(lambda t, ans, x, widths: ops.pad(t, ((0, 0),) * batch_ndim(t, x) + widths),))
 concat = Primitive("concat", lambda xp, *xs, axis: xp.concat(xs, axis=axis),
     vjp=_concat_vjp,
     jvp=_concat_jvp)
@@ -275,48 +275,49 @@ def _tensordot_impl(xp, x, y, axes):
 
 def _tensordot_vjp_x(g, ans, x, y, axes):
     xa, ya = axes
-    n = nb(g, ans)
+    n = batch_ndim(g, ans)
     x_free = [d for d in range(x.ndim) if d not in xa]
     y_free = [d for d in range(y.ndim) if d not in ya]
     g_y_axes = tuple(range(g.ndim - len(y_free), g.ndim))
-    r = o.tensordot(g, y, axes=(g_y_axes, tuple(y_free)))  # batch + x_free + sorted(ya)
+    r = ops.tensordot(g, y, axes=(g_y_axes, tuple(y_free)))  # batch + x_free + sorted(ya)
     y_rest = sorted(ya)
     pos = {d: n + i for i, d in enumerate(x_free)}
     pos.update({d: n + len(x_free) + y_rest.index(e) for d, e in zip(xa, ya)})
-    return o.transpose(r, tuple(range(n)) + tuple(pos[d] for d in range(x.ndim)))
+    return ops.transpose(r, tuple(range(n)) + tuple(pos[d] for d in range(x.ndim)))
 
 
 def _tensordot_vjp_y(g, ans, x, y, axes):
     xa, ya = axes
-    n = nb(g, ans)
+    n = batch_ndim(g, ans)
     x_free = [d for d in range(x.ndim) if d not in xa]
     y_free = [d for d in range(y.ndim) if d not in ya]
-    r = o.tensordot(x, g, axes=(tuple(x_free), tuple(n + i for i in range(len(x_free)))))
+    r = ops.tensordot(x, g, axes=(tuple(x_free), tuple(n + i for i in range(len(x_free)))))
     x_rest = sorted(xa)  # r: sorted(xa) + batch + y_free
     pos = {e: len(xa) + n + i for i, e in enumerate(y_free)}
     pos.update({e: x_rest.index(d) for d, e in zip(xa, ya)})
     lead = tuple(len(xa) + i for i in range(n))
-    return o.transpose(r, lead + tuple(pos[e] for e in range(y.ndim)))
+    return ops.transpose(r, lead + tuple(pos[e] for e in range(y.ndim)))
 
 
 def _tensordot_jvp_y(t, ans, x, y, axes):
     xa, ya = axes
-    n = nb(t, y)
-    r = o.tensordot(x, t, axes=(xa, _shifted(ya, n)))  # x_free + batch + y_free
+    n = batch_ndim(t, y)
+    r = ops.tensordot(x, t, axes=(xa, _shifted(ya, n)))  # x_free + batch + y_free
     free = x.ndim - len(xa)
-    return o.transpose(r, tuple(range(free, free + n)) + tuple(range(free))
+    return ops.transpose(r, tuple(range(free, free + n)) + tuple(range(free))
                        + tuple(range(free + n, r.ndim)))
 
 
 # fmt: off
 matmul = Primitive("matmul", lambda xp, x, y: xp.matmul(x, y),  # (..., n, k) @ (..., k, m)
-    vjp=(lambda g, ans, x, y: o.matmul(g, o.matrix_transpose(y)),
-         lambda g, ans, x, y: o.matmul(o.matrix_transpose(x), g)),
-    jvp=(lambda t, ans, x, y: o.matmul(t, y),             # (broadcasts over a stack of t)
-         lambda t, ans, x, y: o.matmul(x, t)))
+    vjp=(lambda g, ans, x, y: ops.matmul(g, ops.matrix_transpose(y)),
+         lambda g, ans, x, y: ops.matmul(ops.matrix_transpose(x), g)),
+    jvp=(lambda t, ans, x, y: ops.matmul(t, y),             # (broadcasts over a stack of t)
+         lambda t, ans, x, y: ops.matmul(x, t)))
 tensordot = Primitive("tensordot", _tensordot_impl,  # axes: (x_axes, y_axes), non-negative
     vjp=(_tensordot_vjp_x, _tensordot_vjp_y),
-    jvp=(lambda t, ans, x, y, axes: o.tensordot(t, y, (_shifted(axes[0], nb(t, x)), axes[1])),
+    jvp=(lambda t, ans, x, y, axes: ops.tensordot(
+             t, y, (_shifted(axes[0], batch_ndim(t, x)), axes[1])),
          _tensordot_jvp_y))
 # fmt: on
 
@@ -342,11 +343,11 @@ def _col2im_impl(xp, cols, height, width, stride, padding):
 
 
 def _im2col_vjp(g, ans, x, kh, kw, stride, padding):
-    return o.col2im(g, x.shape[-2], x.shape[-1], stride, padding)
+    return ops.col2im(g, x.shape[-2], x.shape[-1], stride, padding)
 
 
 def _col2im_vjp(g, ans, cols, height, width, stride, padding):
-    return o.im2col(g, cols.shape[-4], cols.shape[-3], stride, padding)
+    return ops.im2col(g, cols.shape[-4], cols.shape[-3], stride, padding)
 
 
 # fmt: off
@@ -376,7 +377,7 @@ def _shape_of(xp, a, lead, core):
 
 def _pairwise(xp, kernel, a, b, core_a: int, core_b: int):
     """Apply ``kernel`` to every pair of core blocks of ``a`` and ``b`` (leading axes broadcast)."""
-    lead = o.broadcast_shapes("conv", a.shape[: a.ndim - core_a], b.shape[: b.ndim - core_b])
+    lead = ops.broadcast_shapes("conv", a.shape[: a.ndim - core_a], b.shape[: b.ndim - core_b])
     a = xp.reshape(xp.broadcast_to(a, lead + a.shape[a.ndim - core_a:]),
                    (-1,) + a.shape[a.ndim - core_a:])
     b = xp.reshape(xp.broadcast_to(b, lead + b.shape[b.ndim - core_b:]),
@@ -423,36 +424,36 @@ def _unlead(r, arg, ans):
 
 
 def _conv_vjp_x(g, ans, x, w, stride, padding, cache):
-    return _unlead(o.conv_transpose(g, w, x.shape[-2], x.shape[-1], stride, padding,
+    return _unlead(ops.conv_transpose(g, w, x.shape[-2], x.shape[-1], stride, padding,
                                     cache=cache), x, ans)
 
 
 def _conv_vjp_w(g, ans, x, w, stride, padding, cache):
-    return _unlead(o.conv_weight_grad(x, g, w.shape[-2], w.shape[-1], stride, padding,
+    return _unlead(ops.conv_weight_grad(x, g, w.shape[-2], w.shape[-1], stride, padding,
                                       cache=cache), w, ans)
 
 
 def _conv_transpose_vjp_g(h, ans, g, w, height, width, stride, padding, cache):
-    return _unlead(o.conv(h, w, stride, padding), g, ans)
+    return _unlead(ops.conv(h, w, stride, padding), g, ans)
 
 
 def _conv_transpose_vjp_w(h, ans, g, w, height, width, stride, padding, cache):
-    return _unlead(o.conv_weight_grad(h, g, w.shape[-2], w.shape[-1], stride, padding), w, ans)
+    return _unlead(ops.conv_weight_grad(h, g, w.shape[-2], w.shape[-1], stride, padding), w, ans)
 
 
 def _conv_weight_grad_vjp_x(h, ans, x, g, kh, kw, stride, padding, cache):
-    return _unlead(o.conv_transpose(g, h, x.shape[-2], x.shape[-1], stride, padding), x, ans)
+    return _unlead(ops.conv_transpose(g, h, x.shape[-2], x.shape[-1], stride, padding), x, ans)
 
 
 def _conv_weight_grad_vjp_g(h, ans, x, g, kh, kw, stride, padding, cache):
-    return _unlead(o.conv(x, h, stride, padding, cache=cache), g, ans)
+    return _unlead(ops.conv(x, h, stride, padding, cache=cache), g, ans)
 
 
 def _lead_ones(t, arg, ans):
     """``t`` with unit axes after its batch axes, so that ``arg``'s leading (stack) axes line up
     with ``ans``'s when a conv primitive broadcasts them against its other argument's."""
-    n, missing = nb(t, arg), ans.ndim - arg.ndim
-    return o.reshape(t, t.shape[:n] + (1,) * missing + arg.shape) if n and missing > 0 else t
+    n, missing = batch_ndim(t, arg), ans.ndim - arg.ndim
+    return ops.reshape(t, t.shape[:n] + (1,) * missing + arg.shape) if n and missing > 0 else t
 
 
 def _conv_jvp_direct(apply, which: int):
@@ -473,35 +474,36 @@ def _conv_jvp_folded(apply, which: int, axis: int):
     def rule(t, ans, *args, **params):
         args = list(args)
         arg = args[which]
-        n = nb(t, arg)
+        n = batch_ndim(t, arg)
         if not n or arg.ndim > 4:  # no stack, or a stack of filters already: broadcast pairwise
             args[which] = _lead_ones(t, arg, ans)
             return apply(*args, **params)
         batch = t.shape[:n]
         b = math.prod(batch)
-        t = o.transpose(o.reshape(t, (b,) + arg.shape),
+        t = ops.transpose(ops.reshape(t, (b,) + arg.shape),
                         tuple(range(1, axis + 1)) + (0,) + tuple(range(axis + 1, 5)))
-        args[which] = o.reshape(t, arg.shape[:axis] + (b * arg.shape[axis],) + arg.shape[axis + 1:])
+        folded = arg.shape[:axis] + (b * arg.shape[axis],) + arg.shape[axis + 1:]
+        args[which] = ops.reshape(t, folded)
         # no cache: conv would store the folded stack's patches in the primal's (empty) one
         r = apply(*args, **dict(params, cache=None))  # lead + (core0, b * K, core2, core3)
         m = r.ndim - 3
-        r = o.reshape(r, r.shape[:m] + (b, r.shape[m] // b) + r.shape[m + 1:])
-        r = o.transpose(r, (m,) + tuple(range(m)) + tuple(range(m + 1, r.ndim)))
-        return o.reshape(r, batch + ans.shape)
+        r = ops.reshape(r, r.shape[:m] + (b, r.shape[m] // b) + r.shape[m + 1:])
+        r = ops.transpose(r, (m,) + tuple(range(m)) + tuple(range(m + 1, r.ndim)))
+        return ops.reshape(r, batch + ans.shape)
 
     return rule
 
 
 def _conv(x, w, stride, padding, cache):
-    return o.conv(x, w, stride, padding, cache=cache)
+    return ops.conv(x, w, stride, padding, cache=cache)
 
 
 def _conv_transpose(g, w, height, width, stride, padding, cache):
-    return o.conv_transpose(g, w, height, width, stride, padding, cache=cache)
+    return ops.conv_transpose(g, w, height, width, stride, padding, cache=cache)
 
 
 def _conv_weight_grad(x, g, kh, kw, stride, padding, cache):
-    return o.conv_weight_grad(x, g, kh, kw, stride, padding, cache=cache)
+    return ops.conv_weight_grad(x, g, kh, kw, stride, padding, cache=cache)
 
 
 # fmt: off

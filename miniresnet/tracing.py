@@ -119,6 +119,28 @@ def leaf_node() -> Node:
     return Node(None, (), {}, None, ())
 
 
+#: The operations behind Tensor's operators and methods, by name. They bind primitives, which
+#: sit above this module, so :mod:`miniresnet.ops` registers its checked operations here when it
+#: is imported; Tensor's class body below names every operator and method it has.
+OPERATIONS: dict[str, Callable] = {}
+OPERATION_NAMES: set[str] = set()  # the names Tensor's methods look up (a test checks them)
+
+
+def _operation(name: str, reflected: bool = False) -> Callable:
+    """A Tensor method calling ``OPERATIONS[name]`` with the tensor first (second if
+    ``reflected``, for ``other + tensor`` and the like)."""
+    OPERATION_NAMES.add(name)
+    if reflected:
+        def method(self, other):
+            return OPERATIONS[name](other, self)
+    else:
+        def method(self, *args, **kwargs):
+            return OPERATIONS[name](self, *args, **kwargs)
+    method.__doc__ = f"``miniresnet.ops.{name}`` with this tensor as its " + (
+        "second operand" if reflected else "first argument")
+    return method
+
+
 class Tensor:
     """An n-d array that records the operations applied to it.
 
@@ -139,7 +161,7 @@ class Tensor:
         self._value, self._level, self._node, self._tangent = raw, 0, None, None
         self.shape, self.dtype = tuple(raw.shape), raw.dtype
         if requires_grad:
-            inner = make(raw)
+            inner = wrap(raw)
             self._value, self._level, self._node = inner, EAGER_LEVEL, leaf_node()
 
     # -- basic attributes -------------------------------------------------------------------
@@ -182,7 +204,7 @@ class Tensor:
         if self._node is None or self._node.prim is not None:
             raise AttributeError("only leaf tensors created with requires_grad=True hold .grad")
         if value is not None:
-            value = value.detach() if isinstance(value, Tensor) else make(value)
+            value = value.detach() if isinstance(value, Tensor) else wrap(value)
             if value.shape != self.shape or value.dtype != self.dtype:
                 raise ValueError(f"grad: shape {value.shape} and dtype {value.dtype} do not "
                                  f"match the tensor's {self.shape} and {self.dtype}")
@@ -209,13 +231,13 @@ class Tensor:
                 f"{self.shape} {dtype_name(self.dtype)}"
             )
         if self._level:
-            self._value = make(raw)
+            self._value = wrap(raw)
         else:
             self._value = raw
 
     def detach(self) -> Tensor:
         """A tensor with the same data that no derivative flows through."""
-        return make(self.raw)
+        return wrap(self.raw)
 
     def numpy(self):
         """A host NumPy copy of the data (a NumPy array, whatever the backend)."""
@@ -247,8 +269,6 @@ class Tensor:
             raise TypeError("len() of a 0-d tensor")
         return self.shape[0]
 
-    __hash__ = object.__hash__
-
     def __repr__(self) -> str:
         mode = ""
         if self._level:
@@ -256,6 +276,47 @@ class Tensor:
             mode = ", requires_grad=True" if eager else f", level={self._level}"
         name = backend_of(self.raw).name
         return f"Tensor(shape={self.shape}, dtype={dtype_name(self.dtype)}, backend={name}{mode})"
+
+    # -- operators and methods: the checked operations of miniresnet.ops -----------------------
+    __add__, __radd__ = _operation("add"), _operation("add", reflected=True)
+    __sub__, __rsub__ = _operation("sub"), _operation("sub", reflected=True)
+    __mul__, __rmul__ = _operation("mul"), _operation("mul", reflected=True)
+    __truediv__, __rtruediv__ = _operation("div"), _operation("div", reflected=True)
+    __matmul__, __rmatmul__ = _operation("matmul"), _operation("matmul", reflected=True)
+    __neg__ = _operation("neg")
+    __pow__ = _operation("power")  # x ** p with a Python scalar p
+    __getitem__ = _operation("getitem")
+    __gt__, __ge__ = _operation("greater"), _operation("greater_equal")
+    __lt__, __le__ = _operation("less"), _operation("less_equal")
+    __eq__ = _operation("equal")
+    __hash__ = object.__hash__  # (defining __eq__ would otherwise remove it)
+    sum, mean, var, max = (_operation(n) for n in ("sum", "mean", "var", "max"))
+    logsumexp, exp, log, sqrt = (_operation(n) for n in ("logsumexp", "exp", "log", "sqrt"))
+    tanh, sigmoid, relu, astype = (_operation(n) for n in ("tanh", "sigmoid", "relu", "astype"))
+
+    def __rpow__(self, other):
+        raise TypeError("pow: only a Python scalar exponent is supported (x ** p)")
+
+    def __pos__(self) -> Tensor:
+        return self
+
+    def reshape(self, *shape) -> Tensor:
+        """``x.reshape(2, 3)`` or ``x.reshape((2, 3))``."""
+        one = len(shape) == 1 and not isinstance(shape[0], int)
+        return OPERATIONS["reshape"](self, shape[0] if one else shape)
+
+    def transpose(self, *axes) -> Tensor:
+        """``x.transpose()`` (axes reversed), ``x.transpose(1, 0)`` or ``x.transpose((1, 0))``."""
+        one = len(axes) == 1 and not isinstance(axes[0], int)
+        return OPERATIONS["transpose"](self, (axes[0] if one else axes) or None)
+
+    @property
+    def T(self) -> Tensor:
+        return OPERATIONS["transpose"](self)
+
+    @property
+    def mT(self) -> Tensor:
+        return OPERATIONS["matrix_transpose"](self)
 
     # -- eager reverse mode -----------------------------------------------------------------
     def backward(self, gradient=None, retain_graph: bool = False) -> None:
@@ -279,7 +340,7 @@ class Tensor:
                     f"backward(): pass gradient= for a non-scalar output (shape {self.shape})"
                 )
             raw = self.raw
-            g = make(backend_of(raw).xp.ones_like(raw))
+            g = wrap(backend_of(raw).xp.ones_like(raw))
         else:
             g = as_tensor(gradient)
             if g.shape != self.shape:
@@ -288,12 +349,17 @@ class Tensor:
             leaf.grad = ct if leaf.grad is None else leaf.grad + ct
 
 
+OPERATION_NAMES.update(("reshape", "transpose", "matrix_transpose"))  # used by methods above
+
+
 def dtype_name(dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1].replace("dtype(", "").strip("')")
 
 
-def make(value, level: int = 0, node: Node | None = None, tangent=None) -> Tensor:
-    """Internal fast constructor (no conversion, no checks)."""
+def wrap(value, level: int = 0, node: Node | None = None, tangent=None) -> Tensor:
+    """The Tensor around ``value`` (a backend array, or a Tensor of a lower level) at trace
+    ``level``, with its reverse-mode ``node`` or forward-mode ``tangent``: the engine's fast
+    constructor (no conversion, no checks)."""
     t = object.__new__(Tensor)
     t._value, t._level, t._node, t._tangent = value, level, node, tangent
     t.shape, t.dtype = tuple(value.shape), value.dtype
@@ -304,7 +370,7 @@ def as_tensor(x) -> Tensor:
     """``x`` itself if it is a Tensor, else a level-0 Tensor over the backend array ``x``."""
     if isinstance(x, Tensor):
         return x
-    return make(as_backend_array(x))
+    return wrap(as_backend_array(x))
 
 
 def finalize(x):
@@ -337,12 +403,12 @@ def bind(prim: Primitive, *args, **params) -> Tensor:
     first = args[active[0]]
     if first._node is not None or first._tangent is None:  # reverse mode
         parents = tuple((i, args[i]._node) for i in active)
-        return make(out, level, Node(prim, inner, params, out, parents))
+        return wrap(out, level, Node(prim, inner, params, out, parents))
     tangent = None
     for i in active:
         contribution = prim.jvp_contribution(i, args[i]._tangent, out, inner, params)
         tangent = contribution if tangent is None else bind(add, tangent, contribution)
-    return make(out, level, None, tangent)
+    return wrap(out, level, None, tangent)
 
 
 def _evaluate(prim: Primitive, args, params) -> Tensor:
@@ -368,7 +434,7 @@ def _evaluate(prim: Primitive, args, params) -> Tensor:
     out = be.as_array(prim.impl(xp, *raws, **params))
     if _state["anomaly"]:
         _check_finite(prim, xp, out, raws)
-    return make(out)
+    return wrap(out)
 
 
 def raise_mixed_backends(prim: Primitive, args) -> None:

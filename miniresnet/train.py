@@ -29,7 +29,7 @@ from miniresnet.optim import (
     scale_grads_,
     step_schedule,
 )
-from miniresnet.tracing import as_tensor, make, no_grad
+from miniresnet.tracing import as_tensor, no_grad
 
 
 class DivergenceError(FloatingPointError):
@@ -234,7 +234,7 @@ def evaluate(model: Module, x, y, batch_size: int = 500) -> tuple[float, float]:
         return math.nan, math.nan
     was_training = model.training
     model.eval()
-    xp = make(x).backend.xp
+    xp = as_tensor(x).backend.xp
     n = x.shape[0]
     loss_sum, correct = 0.0, 0
     try:
@@ -347,7 +347,7 @@ def fit(model: Module, data, *, epochs: int, batch_size: int = 128, lr: float = 
         except (TypeError, ValueError) as e:
             raise type(e)(f"{e} (from schedule {schedule!r} at epoch {epoch})") from None
     x, y = data.x_train, data.y_train
-    be = make(x).backend
+    be = as_tensor(x).backend
     xp = be.xp
     n = x.shape[0]
     if n == 0:

@@ -28,9 +28,9 @@ from miniresnet.tracing import (
     finalize,
     is_on_eager_tape,
     leaf_node,
-    make,
     new_level,
     toposort,
+    wrap,
 )
 
 
@@ -127,7 +127,7 @@ def _vjp(f: Callable, primals: Sequence, record_eager: bool):
     scope = contextlib.nullcontext if record_eager else eager_tape_off
     nodes = [leaf_node() for _ in inputs]
     with scope():
-        out = _output("vjp", f(*(make(x, level, n) for x, n in zip(inputs, nodes))))
+        out = _output("vjp", f(*(wrap(x, level, n) for x, n in zip(inputs, nodes))))
     root = out._node if out._level == level else None
     value = out._value if root is not None else out
     order = toposort(root) if root is not None else None
@@ -152,7 +152,7 @@ def _vjp(f: Callable, primals: Sequence, record_eager: bool):
             if g is None:
                 g = ops.zeros_like(x, shape=batch + x.shape)
             elif g._level == 0 and g.raw is ct.raw:  # never hand back the caller's own array
-                g = make(g.backend.xp.asarray(g.raw, copy=True))
+                g = wrap(g.backend.xp.asarray(g.raw, copy=True))
             results.append(finalize(g))
         return tuple(results)
 
@@ -239,7 +239,7 @@ def _jvp(f: Callable, primals: Sequence, tangents: Sequence, record_eager: bool)
                 "needs the same leading batch axes"
             )
         batch = t.shape[:n]
-        xs.append(make(p, level, None, t))
+        xs.append(wrap(p, level, None, t))
     with contextlib.nullcontext() if record_eager else eager_tape_off():
         out = f(*xs)
 
@@ -303,7 +303,7 @@ def _jacobian_reverse(f, args, nums, chunk_size):
     for start in range(0, n, chunk):
         k = min(chunk, n - start)
         eye = xp.eye(k, n, k=start, dtype=out_t.dtype, device=out_t.raw.device)
-        basis = make(xp.reshape(eye, (k,) + out_t.shape))
+        basis = wrap(xp.reshape(eye, (k,) + out_t.shape))
         for block, ct in zip(blocks, vjp_fn(basis)):
             block.append(as_tensor(ct))
     return tuple(
@@ -334,7 +334,7 @@ def _jacobian_forward(f, args, nums, chunk_size):
     while start < n:
         k = min(chunk, n - start)
         basis = tuple(  # columns start..start+k of the identity, cut into the arguments' parts
-            make(xp.reshape(xp.eye(k, size, k=start - offset, dtype=x.dtype,
+            wrap(xp.reshape(xp.eye(k, size, k=start - offset, dtype=x.dtype,
                                    device=x.raw.device), (k,) + x.shape))
             for x, size, offset in zip(xs, sizes, offsets))
         out, cols = _jvp(g, xs, basis, record_eager)

@@ -292,10 +292,18 @@ def test_conv_keeps_patches_only_when_its_filters_are_differentiated(backend):
 
     def conv_node(trace_w: bool):
         level = tracing.new_level()
-        tx, tw = (tracing.make(mr.tensor(a), level, tracing.leaf_node()) for a in (x, w))
+        tx, tw = (tracing.wrap(mr.tensor(a), level, tracing.leaf_node()) for a in (x, w))
         return mr.conv(tx, tw if trace_w else w, 1, 1)._node
 
     assert conv_node(trace_w=False).params["cache"] is None  # filters constant: nothing kept
     assert conv_node(trace_w=True).params["cache"]["saved"] is not None
     with mr.no_grad():
         assert mr.conv(x, w, 1, 1)._node is None
+
+
+def test_every_tensor_operator_is_registered_by_ops():
+    """Tensor's class body names its operators; miniresnet.ops registers exactly those."""
+    assert tracing.OPERATION_NAMES == set(tracing.OPERATIONS)
+    assert all(tracing.OPERATIONS[n] is getattr(mr.ops, n) for n in tracing.OPERATION_NAMES)
+    for name in ("__add__", "__rmatmul__", "__getitem__", "sum", "reshape", "T", "mT"):
+        assert name in vars(mr.Tensor), name  # declared in the class body, not set from outside

@@ -242,3 +242,10 @@ def test_eval_batch_norm_rounds_the_same_with_and_without_a_derivative(backend):
     under_jvp, _ = mr.jvp(lambda x: F.batch_norm(x, rm, rv, w, b, training=False), (x,), (x,))
     np.testing.assert_array_equal(host(under_vjp), plain)
     np.testing.assert_array_equal(host(under_jvp), plain)
+
+
+def test_running_statistics_that_require_grad_are_refused(backend):
+    x = data(backend, (4, 3))
+    mean = mr.tensor(np.zeros(3), requires_grad=True)
+    with pytest.raises(ValueError, match="running statistics must not require grad"):
+        F.batch_norm(x, mean, mr.ones((3,)), training=True)

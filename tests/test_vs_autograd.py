@@ -28,7 +28,7 @@ from miniresnet.normalization import PRIMITIVES as NORMALIZATION_PRIMITIVES
 from miniresnet.primitives import PRIMITIVES as CORE_PRIMITIVES
 from miniresnet.testing import check_grads
 from miniresnet.testing.strategies import to_backend_array
-from miniresnet.tracing import as_tensor, leaf_node, make, new_level, toposort
+from miniresnet.tracing import as_tensor, leaf_node, new_level, toposort, wrap
 
 # autograd warns when a (second) derivative is identically zero, as for linear functions
 pytestmark = pytest.mark.filterwarnings("ignore:Output seems independent of input:UserWarning")
@@ -237,7 +237,7 @@ def test_float32_dtype_preserved(name, data):
 def _traced_primitives(case, p, host) -> set[str]:
     """Names of the primitives on the reverse-mode graph of ``case.fun`` at one example."""
     level = new_level()
-    xs = [make(as_tensor(to_backend_array(np.asarray(h))), level, leaf_node()) for h in host]
+    xs = [wrap(as_tensor(to_backend_array(np.asarray(h))), level, leaf_node()) for h in host]
     out = case.fun(p, *xs)
     if out._level != level:
         return set()
