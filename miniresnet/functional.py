@@ -117,20 +117,18 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
             f"batch_norm: expected more than 1 value per channel when training, got input "
             f"of shape {x.shape}"
         )
-    stats: dict = {}
     if weight is not None and bias is not None:  # one primitive, closed-form rules
-        out = normalization.standardize_affine(x, weight, bias, axes, eps, cache=stats)
+        out, mean, var = normalization.standardize_affine_with_stats(x, weight, bias, axes, eps)
     else:
-        out = normalization.standardize(x, axes, eps, cache=stats)
+        out, mean, var = normalization.standardize_with_stats(x, axes, eps)
         if weight is not None:
             out = out * ops.reshape(weight, shape)
         if bias is not None:
             out = out + ops.reshape(bias, shape)
     if running_mean is not None and running_var is not None:
         xp = x.backend.xp
-        _update_running(running_mean, xp.reshape(stats["mean"], (-1,)), momentum)
-        _update_running(running_var, xp.reshape(stats["var"], (-1,)) * (count / (count - 1)),
-                        momentum)
+        _update_running(running_mean, xp.reshape(mean, (-1,)), momentum)
+        _update_running(running_var, xp.reshape(var, (-1,)) * (count / (count - 1)), momentum)
     return out
 
 

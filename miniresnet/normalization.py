@@ -4,75 +4,83 @@ wrappers.
 
 They sit above :mod:`miniresnet.transforms` because one rule (the derivative in ``x`` of
 ``standardize_affine_grad``) is a nested transform of the composed expression. ``axis`` holds
-negative axes, so that stacked cotangents (extra leading axes) broadcast. ``cache``, when given,
-is an empty dict that receives the forward statistics (``"mean"``, ``"var"``, ``"inv"``,
-``"xhat"``) keyed by the input array, so that the rules reuse them and batch norm can update its
-running statistics.
+negative axes, so that stacked cotangents (extra leading axes) broadcast. Each forward saves the
+statistics it computed (``"mean"``, ``"var"``, ``"inv"``, ``"xhat"``, with the input array; see
+Primitive's ``saves``); the rules hand them back as ``reuse`` to the primitives they bind on the
+same input, which then skip recomputing them, and :func:`standardize_with_stats` and
+:func:`standardize_affine_with_stats` return the mean and variance for running statistics.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 from miniresnet import ops
 from miniresnet.ops import _axes, _check_dtypes
 from miniresnet.primitives import _keepdims_shape, batch_ndim
-from miniresnet.tracing import Primitive, Tensor, as_tensor, bind
+from miniresnet.tracing import Primitive, Tensor, as_tensor, bind, bind_saving
 from miniresnet.transforms import jvp, vjp
 
 
-def _stats(xp, x, axis, eps, cache):
-    """The batch statistics of ``x`` over ``axis`` (reused from ``cache`` for the same ``x``)."""
-    if cache and cache.get("input") is x:
-        return cache
+def _stats(xp, x, axis, eps, reuse):
+    """The batch statistics of ``x`` over ``axis`` (``reuse`` itself if it holds them for this
+    very ``x``)."""
+    if reuse is not None and reuse["input"] is x:
+        return reuse
     mean = xp.mean(x, axis=axis, keepdims=True)
     centred = x - mean
     var = xp.mean(centred * centred, axis=axis, keepdims=True)
     inv = 1.0 / xp.sqrt(var + eps)
     centred *= inv
-    stats = {"input": x, "mean": mean, "var": var, "inv": inv, "xhat": centred}
-    if cache is not None and not cache:
-        cache.update(stats)
-    return stats
+    return {"input": x, "mean": mean, "var": var, "inv": inv, "xhat": centred}
+
+
+def _statistic(name: str):
+    """The impl of a primitive whose result is the statistic ``name``, saving them all."""
+    def impl(xp, x, axis, eps, reuse=None):
+        stats = _stats(xp, x, axis, eps, reuse)
+        return stats[name], stats
+
+    return impl
 
 
 # -- standardize(x) = (x - mean(x)) · inv_std(x) ------------------------------------------------
 # Its Jacobian is symmetric, so one rule serves as VJP and JVP: batch norm's closed-form backward
 # g -> inv · (g - mean(g) - x^ mean(g x^)).
-def _standardize_rule(g, ans, x, axis, eps, cache):
-    inv = inv_std(x, axis, eps, cache=cache)
+def _standardize_rule(g, ans, x, axis, eps, saved):
+    inv = inv_std(x, axis, eps, reuse=saved)
     return (g - ops.mean(g, axis, keepdims=True)
             - ans * ops.mean(g * ans, axis, keepdims=True)) * inv
 
 
-standardize_p = Primitive(
-    "standardize", lambda xp, x, axis, eps, cache: _stats(xp, x, axis, eps, cache)["xhat"],
-    vjp=(_standardize_rule,), jvp=(_standardize_rule,))
+standardize_p = Primitive("standardize", _statistic("xhat"),
+    vjp=(_standardize_rule,), jvp=(_standardize_rule,), saves=True, reuses=True)
 
 
 # -- inv_std(x) = 1 / sqrt(var(x) + eps), with kept dimensions ----------------------------------
-def _inv_std_vjp(g, ans, x, axis, eps, cache):
+def _inv_std_vjp(g, ans, x, axis, eps, saved):
     count = math.prod(x.shape[a] for a in axis)
-    return (g * (ans * ans) * (-1.0 / count)) * standardize(x, axis, eps, cache=cache)
+    return (g * (ans * ans) * (-1.0 / count)) * standardize(x, axis, eps, reuse=saved)
 
 
-def _inv_std_jvp(t, ans, x, axis, eps, cache):
-    return -(ans * ans) * ops.mean(t * standardize(x, axis, eps, cache=cache), axis, keepdims=True)
+def _inv_std_jvp(t, ans, x, axis, eps, saved):
+    return -(ans * ans) * ops.mean(t * standardize(x, axis, eps, reuse=saved), axis, keepdims=True)
 
 
-inv_std_p = Primitive(
-    "inv_std", lambda xp, x, axis, eps, cache: _stats(xp, x, axis, eps, cache)["inv"],
-    vjp=(_inv_std_vjp,), jvp=(_inv_std_jvp,))
+inv_std_p = Primitive("inv_std", _statistic("inv"),
+    vjp=(_inv_std_vjp,), jvp=(_inv_std_jvp,), saves=True, reuses=True)
 
 
 # -- standardize_affine(x, w, b) = standardize(x) · w + b: batch norm in training mode ---------
 # w and b hold one value per channel. The Jacobian in x is w · J_standardize, symmetric, so the
 # VJP and the JVP in x are the same map, standardize_affine_grad below.
-def _standardize_affine_impl(xp, x, w, b, axis, eps, cache):
+def _standardize_affine_impl(xp, x, w, b, axis, eps, reuse=None):
     keep = _keepdims_shape(x.shape, axis)
-    out = _stats(xp, x, axis, eps, cache)["xhat"] * xp.reshape(w, keep)
+    stats = _stats(xp, x, axis, eps, reuse)
+    out = stats["xhat"] * xp.reshape(w, keep)
     out += xp.reshape(b, keep)
-    return out
+    return out, stats
 
 
 def _channels(t, arg, x, axis):
@@ -81,77 +89,79 @@ def _channels(t, arg, x, axis):
 
 
 standardize_affine_p = Primitive("standardize_affine", _standardize_affine_impl,
-    vjp=(lambda g, ans, x, w, b, axis, eps, cache:
-             standardize_affine_grad(g, x, w, axis, eps, cache=cache),
-         lambda g, ans, x, w, b, axis, eps, cache:
-             ops.sum(g * standardize(x, axis, eps, cache=cache), axis),
-         lambda g, ans, x, w, b, axis, eps, cache: ops.sum(g, axis)),
-    jvp=(lambda t, ans, x, w, b, axis, eps, cache:
-             standardize_affine_grad(t, x, w, axis, eps, cache=cache),
-         lambda t, ans, x, w, b, axis, eps, cache:
-             _channels(t, w, x, axis) * standardize(x, axis, eps, cache=cache),
-         lambda t, ans, x, w, b, axis, eps, cache:
-             ops.broadcast_to(_channels(t, b, x, axis), t.shape[:batch_ndim(t, b)] + ans.shape)))
+    vjp=(lambda g, ans, x, w, b, axis, eps, saved:
+             standardize_affine_grad(g, x, w, axis, eps, reuse=saved),
+         lambda g, ans, x, w, b, axis, eps, saved:
+             ops.sum(g * standardize(x, axis, eps, reuse=saved), axis),
+         lambda g, ans, x, w, b, axis, eps, saved: ops.sum(g, axis)),
+    jvp=(lambda t, ans, x, w, b, axis, eps, saved:
+             standardize_affine_grad(t, x, w, axis, eps, reuse=saved),
+         lambda t, ans, x, w, b, axis, eps, saved:
+             _channels(t, w, x, axis) * standardize(x, axis, eps, reuse=saved),
+         lambda t, ans, x, w, b, axis, eps, saved:
+             ops.broadcast_to(_channels(t, b, x, axis), t.shape[:batch_ndim(t, b)] + ans.shape)),
+    saves=True, reuses=True)
 
 
 # -- standardize_affine_grad(g, x, w) = w inv (g - mean(g) - x^ mean(g x^)) ---------------------
 # A primitive for its few-pass forward. Linear in g and in w (closed-form rules); in x, the
 # derivative of the same expression written with other primitives, by a nested transform.
-def _standardize_affine_grad_impl(xp, g, x, w, axis, eps, cache):
-    stats = _stats(xp, x, axis, eps, cache)
+def _standardize_affine_grad_impl(xp, g, x, w, axis, eps, reuse=None):
+    stats = _stats(xp, x, axis, eps, reuse)
     xhat, k = stats["xhat"], xp.reshape(w, _keepdims_shape(x.shape, axis)) * stats["inv"]
     m1 = xp.mean(g, axis=axis, keepdims=True)
     m2 = xp.mean(g * xhat, axis=axis, keepdims=True)
     out = g * k
     out -= xhat * (k * m2)
     out -= k * m1
-    return out
+    return out, stats
 
 
-def _affine_grad_composed(g, x, w, axis, eps, cache):
+def _affine_grad_composed(g, x, w, axis, eps, saved):
     """standardize_affine_grad written with other primitives (differentiable in x)."""
-    xhat = standardize(x, axis, eps, cache=cache)
-    scale = ops.reshape(w, _keepdims_shape(x.shape, axis)) * inv_std(x, axis, eps, cache=cache)
+    xhat = standardize(x, axis, eps, reuse=saved)
+    scale = ops.reshape(w, _keepdims_shape(x.shape, axis)) * inv_std(x, axis, eps, reuse=saved)
     return scale * (g - ops.mean(g, axis, keepdims=True)
                     - xhat * ops.mean(g * xhat, axis, keepdims=True))
 
 
-def _affine_grad_vjp_x(h, ans, g, x, w, axis, eps, cache):
-    _, pull = vjp(lambda xx: _affine_grad_composed(g, xx, w, axis, eps, cache), x)
+def _affine_grad_vjp_x(h, ans, g, x, w, axis, eps, saved):
+    _, pull = vjp(lambda xx: _affine_grad_composed(g, xx, w, axis, eps, saved), x)
     return as_tensor(pull(h)[0])
 
 
-def _affine_grad_jvp_x(t, ans, g, x, w, axis, eps, cache):
+def _affine_grad_jvp_x(t, ans, g, x, w, axis, eps, saved):
     return as_tensor(
-        jvp(lambda xx: _affine_grad_composed(g, xx, w, axis, eps, cache), (x,), (t,))[1])
+        jvp(lambda xx: _affine_grad_composed(g, xx, w, axis, eps, saved), (x,), (t,))[1])
 
 
-def _affine_grad_vjp_w(h, ans, g, x, w, axis, eps, cache):
-    unit = standardize_affine_grad(g, x, ops.ones_like(w), axis, eps, cache=cache)
+def _affine_grad_vjp_w(h, ans, g, x, w, axis, eps, saved):
+    unit = standardize_affine_grad(g, x, ops.ones_like(w), axis, eps, reuse=saved)
     r = ops.sum(h * unit, axis)  # batch + g's stack axes + channel
     stack = g.ndim - x.ndim  # g's own leading axes: summed (w has none)
     first = h.ndim - ans.ndim
     return ops.sum(r, tuple(range(first, first + stack))) if stack else r
 
 
-def _affine_grad_jvp_w(t, ans, g, x, w, axis, eps, cache):
+def _affine_grad_jvp_w(t, ans, g, x, w, axis, eps, saved):
     n = batch_ndim(t, w)
     if not n:
-        return standardize_affine_grad(g, x, t, axis, eps, cache=cache)
-    unit = standardize_affine_grad(g, x, ops.ones_like(w), axis, eps, cache=cache)
+        return standardize_affine_grad(g, x, t, axis, eps, reuse=saved)
+    unit = standardize_affine_grad(g, x, ops.ones_like(w), axis, eps, reuse=saved)
     keep = (1,) * (g.ndim - x.ndim) + _keepdims_shape(x.shape, axis)
     return ops.reshape(t, t.shape[:n] + keep) * unit
 
 
 standardize_affine_grad_p = Primitive("standardize_affine_grad", _standardize_affine_grad_impl,
-    vjp=(lambda h, ans, g, x, w, axis, eps, cache:
-             standardize_affine_grad(h, x, w, axis, eps, cache=cache),
+    vjp=(lambda h, ans, g, x, w, axis, eps, saved:
+             standardize_affine_grad(h, x, w, axis, eps, reuse=saved),
          _affine_grad_vjp_x,
          _affine_grad_vjp_w),
-    jvp=(lambda t, ans, g, x, w, axis, eps, cache:
-             standardize_affine_grad(t, x, w, axis, eps, cache=cache),
+    jvp=(lambda t, ans, g, x, w, axis, eps, saved:
+             standardize_affine_grad(t, x, w, axis, eps, reuse=saved),
          _affine_grad_jvp_x,
-         _affine_grad_jvp_w))
+         _affine_grad_jvp_w),
+    saves=True, reuses=True)
 
 PRIMITIVES = {p.name: p for p in (standardize_p, inv_std_p, standardize_affine_p,
                                   standardize_affine_grad_p)}
@@ -162,24 +172,36 @@ def _negative_axes(name: str, x: Tensor, axis) -> tuple[int, ...]:
     return tuple(a - x.ndim for a in _axes(name, axis, x.ndim))
 
 
-def standardize(x, axis, eps: float = 1e-5, *, cache: dict | None = None) -> Tensor:
-    """``(x - mean(x)) / sqrt(var(x) + eps)`` with the statistics over ``axis`` (biased
-    variance), as batch norm computes it in training mode.
+def _raw_stats(saved) -> tuple:
+    return saved["mean"], saved["var"]
 
-    ``cache``, if given, must be an empty dict; it receives the forward statistics as backend
-    arrays (``"mean"``, ``"var"``, ``"inv"``, ``"xhat"``) for e.g. running averages.
-    """
+
+def standardize(x, axis, eps: float = 1e-5, *, reuse=None) -> Tensor:
+    """``(x - mean(x)) / sqrt(var(x) + eps)`` with the statistics over ``axis`` (biased
+    variance), as batch norm computes it in training mode. ``reuse``: the ``saved`` statistics
+    of one of this module's primitives on the same ``x`` (a derivative rule passes them), to
+    skip recomputing them; it does not change the result."""
     x = as_tensor(x)
     axis = _negative_axes("standardize", x, axis)
-    return bind(standardize_p, x, axis=axis, eps=float(eps),
-                cache={} if cache is None else cache)
+    return bind(standardize_p, x, axis=axis, eps=float(eps), reuse=reuse)
 
 
-def inv_std(x, axis, eps: float = 1e-5, *, cache: dict | None = None) -> Tensor:
-    """``1 / sqrt(var(x) + eps)`` over ``axis`` (biased variance), with kept dimensions."""
+def standardize_with_stats(x, axis, eps: float = 1e-5) -> tuple[Tensor, Any, Any]:
+    """:func:`standardize` and the batch ``mean`` and (biased) ``var`` it computed, with kept
+    dimensions, as backend arrays (constants: no derivative flows through them), for e.g.
+    running averages."""
+    x = as_tensor(x)
+    axis = _negative_axes("standardize", x, axis)
+    out, saved = bind_saving(standardize_p, (x,), {"axis": axis, "eps": float(eps)})
+    return (out, *_raw_stats(saved))
+
+
+def inv_std(x, axis, eps: float = 1e-5, *, reuse=None) -> Tensor:
+    """``1 / sqrt(var(x) + eps)`` over ``axis`` (biased variance), with kept dimensions;
+    ``reuse`` as in :func:`standardize`."""
     x = as_tensor(x)
     axis = _negative_axes("inv_std", x, axis)
-    return bind(inv_std_p, x, axis=axis, eps=float(eps), cache={} if cache is None else cache)
+    return bind(inv_std_p, x, axis=axis, eps=float(eps), reuse=reuse)
 
 
 def _channel_param(name: str, what: str, p, x: Tensor, axis) -> Tensor:
@@ -193,25 +215,37 @@ def _channel_param(name: str, what: str, p, x: Tensor, axis) -> Tensor:
     return p
 
 
-def standardize_affine(x, weight, bias, axis, eps: float = 1e-5, *,
-                       cache: dict | None = None) -> Tensor:
-    """``standardize(x, axis, eps) * weight + bias`` as one primitive (batch norm in training
-    mode); ``weight`` and ``bias`` have one value per channel: ``x``'s shape without the
-    ``axis`` axes (``(C,)`` for ``axis=(0, 2, 3)``). ``cache`` as in :func:`standardize`."""
+def _affine_operands(x, weight, bias, axis):
     x = as_tensor(x)
     pos = _axes("standardize_affine", axis, x.ndim)
     weight = _channel_param("standardize_affine", "weight", weight, x, pos)
     bias = _channel_param("standardize_affine", "bias", bias, x, pos)
     _check_dtypes("standardize_affine", (x, weight, bias))
-    return bind(standardize_affine_p, x, weight, bias, axis=tuple(a - x.ndim for a in pos),
-                eps=float(eps), cache={} if cache is None else cache)
+    return (x, weight, bias), tuple(a - x.ndim for a in pos)
 
 
-def standardize_affine_grad(g, x, weight, axis, eps: float = 1e-5, *,
-                            cache: dict | None = None) -> Tensor:
+def standardize_affine(x, weight, bias, axis, eps: float = 1e-5) -> Tensor:
+    """``standardize(x, axis, eps) * weight + bias`` as one primitive (batch norm in training
+    mode); ``weight`` and ``bias`` have one value per channel: ``x``'s shape without the
+    ``axis`` axes (``(C,)`` for ``axis=(0, 2, 3)``)."""
+    args, axis = _affine_operands(x, weight, bias, axis)
+    return bind(standardize_affine_p, *args, axis=axis, eps=float(eps))
+
+
+def standardize_affine_with_stats(x, weight, bias, axis, eps: float = 1e-5
+                                  ) -> tuple[Tensor, Any, Any]:
+    """:func:`standardize_affine` and the batch ``mean`` and ``var`` it computed, as in
+    :func:`standardize_with_stats`."""
+    args, axis = _affine_operands(x, weight, bias, axis)
+    out, saved = bind_saving(standardize_affine_p, args, {"axis": axis, "eps": float(eps)})
+    return (out, *_raw_stats(saved))
+
+
+def standardize_affine_grad(g, x, weight, axis, eps: float = 1e-5, *, reuse=None) -> Tensor:
     """The derivative of :func:`standardize_affine` in ``x`` applied to ``g`` (its VJP and its
     JVP: the Jacobian is symmetric), ``weight * inv_std(x) * (g - mean(g) - x^ mean(g x^))``
-    with ``x^ = standardize(x)``; ``g`` may carry leading batch axes."""
+    with ``x^ = standardize(x)``; ``g`` may carry leading batch axes. ``reuse`` as in
+    :func:`standardize`."""
     g, x = as_tensor(g), as_tensor(x)
     pos = _axes("standardize_affine_grad", axis, x.ndim)
     weight = _channel_param("standardize_affine_grad", "weight", weight, x, pos)
@@ -221,7 +255,8 @@ def standardize_affine_grad(g, x, weight, axis, eps: float = 1e-5, *,
         )
     _check_dtypes("standardize_affine_grad", (g, x, weight))
     return bind(standardize_affine_grad_p, g, x, weight, axis=tuple(a - x.ndim for a in pos),
-                eps=float(eps), cache={} if cache is None else cache)
+                eps=float(eps), reuse=reuse)
 
 
-__all__ = ["inv_std", "standardize", "standardize_affine", "standardize_affine_grad"]
+__all__ = ["inv_std", "standardize", "standardize_affine", "standardize_affine_grad",
+           "standardize_affine_with_stats", "standardize_with_stats"]

@@ -494,40 +494,41 @@ def _conv_geometry(name, image_shape, kernel_shape, stride, padding, out_shape=N
     return conv_geometry(name, image_shape, kernel_shape, stride, padding, out_shape)[:2]
 
 
-def conv(x, w, stride=1, padding=0, *, cache: dict | None = None) -> Tensor:
+def conv(x, w, stride=1, padding=0) -> Tensor:
     """Cross-correlation of ``x`` (shape ``(..., N, C, H, W)``) with filters ``w`` (shape
     ``(..., F, C, kh, kw)``), giving ``(..., N, F, OH, OW)``; the primitive under
     :func:`miniresnet.functional.conv2d` (which adds a bias and checks its inputs)."""
     x, w = _conv_operands("conv", x, w, (-3, -3),
                           "x (..., N, C, H, W) and w (..., F, C, kh, kw) with equal C")
     stride, padding = _conv_geometry("conv", x.shape[-2:], w.shape[-2:], stride, padding)
-    if cache is None and is_recorded(w):  # a filter gradient may be asked for: keep patches
-        cache = {}
-    return bind(primitives.conv, x, w, stride=stride, padding=padding, cache=cache)
+    # keep the patches only if a filter gradient may be asked for (else a faster kernel may run)
+    return bind(primitives.conv, x, w, stride=stride, padding=padding, keep=is_recorded(w))
 
 
 def conv_transpose(g, w, height: int, width: int, stride=1, padding=0, *,
-                   cache: dict | None = None) -> Tensor:
+                   reuse=None) -> Tensor:
     """The adjoint of :func:`conv` in its input: ``(..., N, F, OH, OW)`` cotangents to
-    ``(..., N, C, height, width)``."""
+    ``(..., N, C, height, width)``. ``reuse``: what a conv with the same ``w`` saved (its
+    node's ``saved``), to skip work; it does not change the result."""
     g, w = _conv_operands("conv_transpose", g, w, (-3, -4),
                           "g (..., N, F, OH, OW) and w (..., F, C, kh, kw) with equal F")
     stride, padding = _conv_geometry("conv_transpose", (height, width), w.shape[-2:], stride,
                                      padding, g.shape[-2:])
     return bind(primitives.conv_transpose, g, w, height=height, width=width, stride=stride,
-                padding=padding, cache=cache)
+                padding=padding, reuse=reuse)
 
 
 def conv_weight_grad(x, g, kh: int, kw: int, stride=1, padding=0, *,
-                     cache: dict | None = None) -> Tensor:
+                     reuse=None) -> Tensor:
     """The adjoint of :func:`conv` in its filters: ``(..., F, C, kh, kw)`` from images ``x``
-    ``(..., N, C, H, W)`` and cotangents ``g`` ``(..., N, F, OH, OW)`` (summed over N)."""
+    ``(..., N, C, H, W)`` and cotangents ``g`` ``(..., N, F, OH, OW)`` (summed over N).
+    ``reuse``: what a conv on the same ``x`` saved, to skip recomputing its patches."""
     x, g = _conv_operands("conv_weight_grad", x, g, (-4, -4),
                           "x (..., N, C, H, W) and g (..., N, F, OH, OW) with equal N")
     stride, padding = _conv_geometry("conv_weight_grad", x.shape[-2:], (kh, kw), stride,
                                      padding, g.shape[-2:])
     return bind(primitives.conv_weight_grad, x, g, kh=kh, kw=kw, stride=stride, padding=padding,
-                cache=cache)
+                reuse=reuse)
 
 
 # -- what Tensor's operators and methods call ---------------------------------------------------

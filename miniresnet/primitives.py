@@ -365,10 +365,10 @@ col2im = Primitive("col2im", _col2im_impl,  # the adjoint of im2col
 #   conv(x (*L, N, C, H, W), w (*M, F, C, kh, kw))            -> (*LM, N, F, OH, OW)
 #   conv_transpose(g (*L, N, F, OH, OW), w (*M, F, C, kh, kw))  -> (*LM, N, C, H, W)
 #   conv_weight_grad(x (*L, N, C, H, W), g (*M, N, F, OH, OW))  -> (*LM, F, C, kh, kw)
-# ``cache`` is a dict shared by the nodes that one conv's derivatives create: conv stores what
-# its kernel saved (patches, or a dense matrix) with its input and filter arrays there, and the
-# adjoints reuse it when called on the same arrays (checked by identity) instead of recomputing.
-# conv with ``cache=None`` (its filters are not being differentiated) saves nothing.
+# conv saves what its kernel kept for the adjoints (patches, or a dense matrix) with its input
+# and filter arrays (see Primitive's ``saves``), when ``keep`` (its filters are differentiated);
+# its rules hand that to conv_transpose and conv_weight_grad as ``reuse``, which they use when
+# called on the same arrays (checked by identity) instead of recomputing it.
 
 
 def _shape_of(xp, a, lead, core):
@@ -386,35 +386,38 @@ def _pairwise(xp, kernel, a, b, core_a: int, core_b: int):
     return xp.reshape(out, lead + out.shape[1:])
 
 
-def _conv_impl(xp, x, w, stride, padding, cache):
+def _conv_impl(xp, x, w, stride, padding, keep):
     be = backend_of(x)
     if w.ndim > 4:  # a stack of filters (higher-order derivatives with stacked cotangents)
-        return _pairwise(xp, lambda a, b: be.conv(a, b, stride, padding)[0], x, w, 4, 4)
+        return _pairwise(xp, lambda a, b: be.conv(a, b, stride, padding)[0], x, w, 4, 4), None
     x4, lead = _merge_lead(xp, x, 3)
-    out, saved = be.conv(x4, w, stride, padding, keep=cache is not None)
-    if cache is not None and not cache and x.ndim == 4:
-        cache["input"], cache["weight"], cache["saved"] = x, w, saved
-    return _shape_of(xp, out, lead, 3)
+    out, kernel = be.conv(x4, w, stride, padding, keep=keep)
+    saved = {"input": x, "weight": w, "kernel": kernel} if keep and x.ndim == 4 else None
+    return _shape_of(xp, out, lead, 3), saved
 
 
-def _conv_transpose_impl(xp, g, w, height, width, stride, padding, cache):
+def _reused(reuse, key, array):
+    """What conv's kernel kept, if ``reuse`` is conv's ``saved`` for this very ``array``."""
+    return reuse["kernel"] if reuse is not None and reuse[key] is array else None
+
+
+def _conv_transpose_impl(xp, g, w, height, width, stride, padding, reuse=None):
     be = backend_of(g)
     if w.ndim > 4:
         return _pairwise(xp, lambda a, b: be.conv_transpose(a, b, height, width, stride,
                                                                padding), g, w, 4, 4)
     g4, lead = _merge_lead(xp, g, 3)
-    saved = cache.get("saved") if cache and cache.get("weight") is w else None
-    return _shape_of(xp, be.conv_transpose(g4, w, height, width, stride, padding, saved),
+    kernel = _reused(reuse, "weight", w)
+    return _shape_of(xp, be.conv_transpose(g4, w, height, width, stride, padding, kernel),
                      lead, 3)
 
 
-def _conv_weight_grad_impl(xp, x, g, kh, kw, stride, padding, cache):
+def _conv_weight_grad_impl(xp, x, g, kh, kw, stride, padding, reuse=None):
     be = backend_of(x)
     if x.ndim > 4:
         return _pairwise(xp, lambda a, b: be.conv_weight_grad(a, b, kh, kw, stride, padding),
                          x, g, 4, 4)
-    saved = cache.get("saved") if cache and cache.get("input") is x else None
-    return be.conv_weight_grad(x, g, kh, kw, stride, padding, saved)
+    return be.conv_weight_grad(x, g, kh, kw, stride, padding, _reused(reuse, "input", x))
 
 
 def _unlead(r, arg, ans):
@@ -423,30 +426,30 @@ def _unlead(r, arg, ans):
     return r if full == arg.shape else _unbroadcast(r, arg.shape, full)
 
 
-def _conv_vjp_x(g, ans, x, w, stride, padding, cache):
+def _conv_vjp_x(g, ans, x, w, stride, padding, keep, saved):
     return _unlead(ops.conv_transpose(g, w, x.shape[-2], x.shape[-1], stride, padding,
-                                    cache=cache), x, ans)
+                                      reuse=saved), x, ans)
 
 
-def _conv_vjp_w(g, ans, x, w, stride, padding, cache):
+def _conv_vjp_w(g, ans, x, w, stride, padding, keep, saved):
     return _unlead(ops.conv_weight_grad(x, g, w.shape[-2], w.shape[-1], stride, padding,
-                                      cache=cache), w, ans)
+                                        reuse=saved), w, ans)
 
 
-def _conv_transpose_vjp_g(h, ans, g, w, height, width, stride, padding, cache):
+def _conv_transpose_vjp_g(h, ans, g, w, height, width, stride, padding):
     return _unlead(ops.conv(h, w, stride, padding), g, ans)
 
 
-def _conv_transpose_vjp_w(h, ans, g, w, height, width, stride, padding, cache):
+def _conv_transpose_vjp_w(h, ans, g, w, height, width, stride, padding):
     return _unlead(ops.conv_weight_grad(h, g, w.shape[-2], w.shape[-1], stride, padding), w, ans)
 
 
-def _conv_weight_grad_vjp_x(h, ans, x, g, kh, kw, stride, padding, cache):
+def _conv_weight_grad_vjp_x(h, ans, x, g, kh, kw, stride, padding):
     return _unlead(ops.conv_transpose(g, h, x.shape[-2], x.shape[-1], stride, padding), x, ans)
 
 
-def _conv_weight_grad_vjp_g(h, ans, x, g, kh, kw, stride, padding, cache):
-    return _unlead(ops.conv(x, h, stride, padding, cache=cache), g, ans)
+def _conv_weight_grad_vjp_g(h, ans, x, g, kh, kw, stride, padding):
+    return _unlead(ops.conv(x, h, stride, padding), g, ans)
 
 
 def _lead_ones(t, arg, ans):
@@ -484,8 +487,7 @@ def _conv_jvp_folded(apply, which: int, axis: int):
                         tuple(range(1, axis + 1)) + (0,) + tuple(range(axis + 1, 5)))
         folded = arg.shape[:axis] + (b * arg.shape[axis],) + arg.shape[axis + 1:]
         args[which] = ops.reshape(t, folded)
-        # no cache: conv would store the folded stack's patches in the primal's (empty) one
-        r = apply(*args, **dict(params, cache=None))  # lead + (core0, b * K, core2, core3)
+        r = apply(*args, **params)  # lead + (core0, b * K, core2, core3)
         m = r.ndim - 3
         r = ops.reshape(r, r.shape[:m] + (b, r.shape[m] // b) + r.shape[m + 1:])
         r = ops.transpose(r, (m,) + tuple(range(m)) + tuple(range(m + 1, r.ndim)))
@@ -494,28 +496,30 @@ def _conv_jvp_folded(apply, which: int, axis: int):
     return rule
 
 
-def _conv(x, w, stride, padding, cache):
-    return ops.conv(x, w, stride, padding, cache=cache)
+def _conv(x, w, stride, padding, keep, saved):
+    return ops.conv(x, w, stride, padding)
 
 
-def _conv_transpose(g, w, height, width, stride, padding, cache):
-    return ops.conv_transpose(g, w, height, width, stride, padding, cache=cache)
+def _conv_transpose(g, w, height, width, stride, padding):
+    return ops.conv_transpose(g, w, height, width, stride, padding)
 
 
-def _conv_weight_grad(x, g, kh, kw, stride, padding, cache):
-    return ops.conv_weight_grad(x, g, kh, kw, stride, padding, cache=cache)
+def _conv_weight_grad(x, g, kh, kw, stride, padding):
+    return ops.conv_weight_grad(x, g, kh, kw, stride, padding)
 
 
 # fmt: off
 conv = Primitive("conv", _conv_impl,  # x (..., N, C, H, W) with w (..., F, C, kh, kw)
     vjp=(_conv_vjp_x, _conv_vjp_w),
-    jvp=(_conv_jvp_direct(_conv, 0), _conv_jvp_folded(_conv, 1, 0)))
+    jvp=(_conv_jvp_direct(_conv, 0), _conv_jvp_folded(_conv, 1, 0)), saves=True)
 conv_transpose = Primitive("conv_transpose", _conv_transpose_impl,  # adjoint of conv in x
     vjp=(_conv_transpose_vjp_g, _conv_transpose_vjp_w),
-    jvp=(_conv_jvp_direct(_conv_transpose, 0), _conv_jvp_folded(_conv_transpose, 1, 1)))
+    jvp=(_conv_jvp_direct(_conv_transpose, 0), _conv_jvp_folded(_conv_transpose, 1, 1)),
+    reuses=True)
 conv_weight_grad = Primitive("conv_weight_grad", _conv_weight_grad_impl,  # adjoint in w
     vjp=(_conv_weight_grad_vjp_x, _conv_weight_grad_vjp_g),
-    jvp=(_conv_jvp_folded(_conv_weight_grad, 0, 1), _conv_jvp_direct(_conv_weight_grad, 1)))
+    jvp=(_conv_jvp_folded(_conv_weight_grad, 0, 1), _conv_jvp_direct(_conv_weight_grad, 1)),
+    reuses=True)
 # fmt: on
 
 PRIMITIVES = {

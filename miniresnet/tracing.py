@@ -61,12 +61,32 @@ class Primitive:
         ``"linear"`` means the primitive is linear in each differentiable argument separately
         and its forward accepts extra leading axes in each, so the contribution of argument
         ``i`` is the primitive itself applied with ``t`` in place of argument ``i``.
+    saves : bool
+        Whether the forward keeps values for its own derivative rules (conv's patches, batch
+        norm's statistics). Then ``impl`` returns ``(out, saved)``; :func:`bind` keeps
+        ``saved`` on the :class:`Node` at every traced level (``node.saved``, released with
+        the graph) and calls each rule with it as the keyword ``saved=`` (``None`` when the
+        forward kept nothing). ``saved`` holds raw backend arrays: constants, never
+        differentiated. A rule may hand it back to a primitive it binds through
+        ``bind(..., reuse=saved)``, which only spares that primitive's forward work: rules
+        still compute with their (traced) arguments, so derivatives of any order flow through
+        them.
+    reuses : bool
+        Whether ``impl`` accepts the keyword ``reuse`` (what :func:`bind` got as ``reuse=``,
+        or ``None``): values some forward saved that it may use instead of recomputing them
+        (the result must not depend on whether it does). ``reuse`` is no parameter of the
+        primitive: it is never recorded.
+
+    Parameters of a primitive (``params``) are static: ints, floats, tuples, dtypes; a test
+    checks that every recorded node's parameters are hashable.
     """
 
-    __slots__ = ("name", "impl", "_vjp", "_jvp")
+    __slots__ = ("name", "impl", "_vjp", "_jvp", "saves", "reuses")
 
-    def __init__(self, name: str, impl: Callable, vjp=None, jvp=None):
+    def __init__(self, name: str, impl: Callable, vjp=None, jvp=None, *, saves: bool = False,
+                 reuses: bool = False):
         self.name, self.impl, self._vjp, self._jvp = name, impl, vjp, jvp
+        self.saves, self.reuses = saves, reuses
 
     def vjp_rule(self, argnum: int) -> Callable | None:
         rules = self._vjp
@@ -74,9 +94,12 @@ class Primitive:
             return None
         return rules(argnum) if callable(rules) else rules[argnum]
 
-    def jvp_contribution(self, argnum: int, t, ans, args, params):
+    def jvp_contribution(self, argnum: int, t, ans, args, params, saved=None):
         """The tangent of the output due to argument ``argnum``'s tangent ``t`` (shape
-        ``batch + arg.shape``), of shape ``batch + ans.shape``."""
+        ``batch + arg.shape``), of shape ``batch + ans.shape``; ``saved`` is what the forward
+        kept (for a primitive that ``saves``)."""
+        if self.saves:
+            params = dict(params, saved=saved)
         if self._jvp == "linear":
             out = bind(self, *args[:argnum], t, *args[argnum + 1 :], **params)
         else:
@@ -101,18 +124,20 @@ class Primitive:
 
 
 class Node:
-    """A reverse-mode record: the primitive, its unwrapped inputs and output, and the parents.
+    """A reverse-mode record: the primitive, its unwrapped inputs and output, its static
+    parameters, what its forward saved for the rules, and the parents.
 
     ``parents`` is a tuple of ``(argnum, Node)`` for the arguments traced at the node's level.
-    A leaf (an input of a differentiation) has ``prim=None``; leaves of the eager tape also
-    accumulate ``grad``.
+    ``saved`` is the second result of the ``impl`` of a primitive that ``saves`` (else
+    ``None``), the same object at every level the primitive was recorded on. A leaf (an input
+    of a differentiation) has ``prim=None``; leaves of the eager tape also accumulate ``grad``.
     """
 
-    __slots__ = ("prim", "args", "params", "out", "parents", "grad", "__weakref__")
+    __slots__ = ("prim", "args", "params", "out", "parents", "saved", "grad", "__weakref__")
 
-    def __init__(self, prim, args, params, out, parents):
+    def __init__(self, prim, args, params, out, parents, saved=None):
         self.prim, self.args, self.params, self.out, self.parents = prim, args, params, out, parents
-        self.grad = None
+        self.saved, self.grad = saved, None
 
 
 def leaf_node() -> Node:
@@ -388,30 +413,37 @@ def is_recorded(x) -> bool:
     return type(x) is Tensor and x._level > 0 and x._level >= _state["floor"]
 
 
-def bind(prim: Primitive, *args, **params) -> Tensor:
+def bind(prim: Primitive, *args, reuse=None, **params) -> Tensor:
     """Apply ``prim`` to ``args`` (Tensors, raw arrays or Python scalars), recording it on every
-    trace level its arguments belong to."""
+    trace level its arguments belong to. ``params`` are the primitive's static parameters;
+    ``reuse`` (for a primitive that ``reuses``) is handed to its ``impl`` and recorded nowhere."""
+    return bind_saving(prim, args, params, reuse)[0]
+
+
+def bind_saving(prim: Primitive, args, params, reuse=None) -> tuple[Tensor, Any]:
+    """:func:`bind`, returning also what the forward saved (``None`` unless ``prim`` saves):
+    for callers that want the forward's by-products, such as batch norm's statistics."""
     level = 0
     for a in args:
         if type(a) is Tensor and a._level > level:
             level = a._level
     if level < _state["floor"] or level == 0:
-        return _evaluate(prim, args, params)
+        return _evaluate(prim, args, params, reuse)
     inner = [a._value if type(a) is Tensor and a._level == level else a for a in args]
-    out = bind(prim, *inner, **params)
+    out, saved = bind_saving(prim, inner, params, reuse)
     active = [i for i, a in enumerate(args) if type(a) is Tensor and a._level == level]
     first = args[active[0]]
     if first._node is not None or first._tangent is None:  # reverse mode
         parents = tuple((i, args[i]._node) for i in active)
-        return wrap(out, level, Node(prim, inner, params, out, parents))
+        return wrap(out, level, Node(prim, inner, params, out, parents, saved)), saved
     tangent = None
     for i in active:
-        contribution = prim.jvp_contribution(i, args[i]._tangent, out, inner, params)
+        contribution = prim.jvp_contribution(i, args[i]._tangent, out, inner, params, saved)
         tangent = contribution if tangent is None else bind(add, tangent, contribution)
-    return wrap(out, level, None, tangent)
+    return wrap(out, level, None, tangent), saved
 
 
-def _evaluate(prim: Primitive, args, params) -> Tensor:
+def _evaluate(prim: Primitive, args, params, reuse=None) -> tuple[Tensor, Any]:
     raws, first, array_type = [], None, None
     for a in args:
         r = a.raw if type(a) is Tensor else a
@@ -431,10 +463,17 @@ def _evaluate(prim: Primitive, args, params) -> Tensor:
             check_input_finite(repr(prim.name), r, f"argument {i} {_describe(r)}",
                                "; no op under detect_anomaly produced it, so it is an input, "
                                "a parameter or a constant")
-    out = be.as_array(prim.impl(xp, *raws, **params))
+    if prim.reuses:
+        out = prim.impl(xp, *raws, reuse=reuse, **params)
+    else:
+        out = prim.impl(xp, *raws, **params)
+    saved = None
+    if prim.saves:
+        out, saved = out
+    out = be.as_array(out)
     if _state["anomaly"]:
         _check_finite(prim, xp, out, raws)
-    return wrap(out)
+    return wrap(out), saved
 
 
 def raise_mixed_backends(prim: Primitive, args) -> None:
@@ -547,13 +586,14 @@ def backward_pass(root: Node, g: Tensor, order: list[Node] | None = None, free: 
             if ct is None:
                 continue
             _state["backward_op"] = node.prim.name
+            params = dict(node.params, saved=node.saved) if node.prim.saves else node.params
             for argnum, parent in node.parents:
                 rule = node.prim.vjp_rule(argnum)
-                contribution = rule(ct, node.out, *node.args, **node.params)
+                contribution = rule(ct, node.out, *node.args, **params)
                 old = cts.get(parent)
                 cts[parent] = contribution if old is None else bind(add, old, contribution)
             if free:
-                node.args = node.out = node.params = None
+                node.args = node.out = node.params = node.saved = None
                 node.parents = ()
     finally:
         _state["backward_op"] = previous

@@ -82,14 +82,14 @@ def _check_placement(monkeypatch) -> None:
     array)."""
     evaluate = tracing._evaluate
 
-    def checked(prim, args, params):
-        out = evaluate(prim, args, params)
+    def checked(prim, args, params, reuse=None):
+        out, saved = evaluate(prim, args, params, reuse)
         raws = [a.raw if isinstance(a, mr.Tensor) else a for a in args]
         devices = {r.device for r in raws if isinstance(r, type(out.raw))}
         if out.raw.device not in devices:
             raise AssertionError(f"{prim.name} created its result on {out.raw.device}; its "
                                  f"inputs are on {', '.join(map(str, devices))}")
-        return out
+        return out, saved
 
     monkeypatch.setattr(tracing, "_evaluate", checked)
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import miniresnet as mr
-from miniresnet import tracing
+import miniresnet.functional as F
+from miniresnet import nn, tracing
 from miniresnet.testing import check_grads
 
 
@@ -295,8 +296,8 @@ def test_conv_keeps_patches_only_when_its_filters_are_differentiated(backend):
         tx, tw = (tracing.wrap(mr.tensor(a), level, tracing.leaf_node()) for a in (x, w))
         return mr.conv(tx, tw if trace_w else w, 1, 1)._node
 
-    assert conv_node(trace_w=False).params["cache"] is None  # filters constant: nothing kept
-    assert conv_node(trace_w=True).params["cache"]["saved"] is not None
+    assert conv_node(trace_w=False).saved is None  # filters constant: nothing kept
+    assert conv_node(trace_w=True).saved["kernel"] is not None
     with mr.no_grad():
         assert mr.conv(x, w, 1, 1)._node is None
 
@@ -307,3 +308,25 @@ def test_every_tensor_operator_is_registered_by_ops():
     assert all(tracing.OPERATIONS[n] is getattr(mr.ops, n) for n in tracing.OPERATION_NAMES)
     for name in ("__add__", "__rmatmul__", "__getitem__", "sum", "reshape", "T", "mT"):
         assert name in vars(mr.Tensor), name  # declared in the class body, not set from outside
+
+
+def test_primitive_parameters_are_static(backend):
+    """Every node of a ResNet training step's graph, rules of a second derivative included, has
+    hashable parameters (ints, floats, tuples, dtypes; no dict): what a forward keeps for its
+    rules is on the node's ``saved`` slot, not in a parameter."""
+    model = nn.resnet_cifar(1, width=0.25, in_channels=2, num_classes=5, seed=4).train()
+    rng = np.random.default_rng(0)
+    x = mr.Tensor(backend.asarray(rng.standard_normal((4, 2, 8, 8))), requires_grad=True)
+    y = backend.asarray(np.array([0, 1, 2, 3]))
+    # the input gradient of an input on the eager tape: its rules are recorded there too
+    gx = mr.grad(lambda x: F.cross_entropy(model(x), y))(x)
+    root = mr.sum(gx * gx) + F.cross_entropy(model(x), y)
+    nodes = [n for n in tracing.toposort(root._node) if n.prim is not None]
+    for node in nodes:
+        hash(tuple(sorted(node.params.items())))  # TypeError for a dict or a list
+    names = {n.prim.name for n in nodes}
+    saved = {n.prim.name for n in nodes if n.saved is not None}
+    assert {"conv", "conv_transpose", "standardize_affine", "standardize_affine_grad"} <= names
+    assert {"conv", "standardize_affine"} <= saved
+    root.backward()
+    assert all(p.grad is not None for p in model.parameters())
