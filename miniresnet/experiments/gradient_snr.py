@@ -43,10 +43,9 @@ _SCALES = {"quick": {"batches": 8, "batch_size": 32, "replicates": 1},
 KINDS = ("plain", "resnet")
 
 
-def epochs(scale: str) -> tuple[int, ...]:
-    """The snapshot epochs at ``scale``: 0 (initialisation), the stored snapshot epochs before
-    the end, and the last epoch of degradation's training at that scale."""
-    last = degradation._SCALES[scale]["epochs"]
+def epochs(last: int) -> tuple[int, ...]:
+    """The snapshot epochs of a net trained ``last`` epochs: 0 (initialisation), the stored
+    snapshot epochs before the end, and ``last``."""
     return (0, *(e for e in training.SNAPSHOT_EPOCHS if 0 < e < last), last)
 
 
@@ -61,7 +60,7 @@ def trials(scale: str, seed: int, data: str = "digits") -> list[dict]:
     nets = [{**c, "replicate": r, "train_seed": training.net_seed(seed, r)}
             for r in range(s["replicates"]) for c in first]
     return [{**c, "epoch": e, "batches": s["batches"], "batch_size": s["batch_size"]}
-            for c in nets for e in epochs(scale)]
+            for c in nets for e in epochs(c["train"]["epochs"])]
 
 
 def fixed_batches(ds, count: int, size: int, seed: int) -> list[tuple]:
