@@ -38,6 +38,13 @@ and device behind the user's back. Data crosses only here:
 
 Between backends, :func:`miniresnet.to_backend` goes through the host.
 
+Compiled kernels: with Numba installed (``pip install -e ".[fast]"``), the NumPy backend runs
+batch norm's training-mode passes (``_fast_bn``) and 3x3 stride-1 convolutions with their
+adjoints (``_fast_conv``) as compiled kernels, checked against the NumPy ones by the tests.
+``MINIRESNET_FAST=0`` in the environment, or :func:`compiled_kernels` for a block of code,
+switches them off; :func:`limit_compiled_threads` caps their threads (as threadpoolctl caps
+BLAS's).
+
 Backends are created lazily on first use and cached (``_registry``); this package imports nothing
 from the rest of miniresnet. A new backend is a module with ``check_available()`` and
 ``make_backend()`` returning a :class:`Backend` subclass that overrides what its library does
@@ -56,6 +63,8 @@ True
 
 from __future__ import annotations
 
+from ._fast_bn import forced as compiled_kernels
+from ._fast_conv import limit_threads as limit_compiled_threads
 from ._generic import Backend, Rng
 from ._geometry import conv_geometry, conv_output_size, int_pair
 from ._registry import (
@@ -77,10 +86,12 @@ __all__ = [
     "Rng",
     "available_backends",
     "backend_of",
+    "compiled_kernels",
     "conv_geometry",
     "conv_output_size",
     "get_backend",
     "int_pair",
     "is_available",
+    "limit_compiled_threads",
     "python_scalar",
 ]

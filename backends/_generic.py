@@ -30,6 +30,12 @@ def _check_image(x: Any) -> tuple[int, ...]:
     return shape
 
 
+def _keepdims_shape(shape: tuple[int, ...], axis: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` with 1 on the ``axis`` axes (negative ones allowed)."""
+    reduced = {a % len(shape) for a in axis}
+    return tuple(1 if i in reduced else d for i, d in enumerate(shape))
+
+
 def _check_cols(cols: Any) -> tuple[int, ...]:
     shape = tuple(cols.shape)
     if len(shape) != 6:
@@ -402,6 +408,53 @@ class Backend:
         cols = saved if saved is not None else self.im2col(x, kh, kw, stride, padding)
         nd = len(g.shape)
         return self.xp.tensordot(g, cols, axes=([nd - 4, nd - 2, nd - 1], [0, 4, 5]))
+
+    # -- batch-norm kernels ---------------------------------------------------------------------
+    # The forwards of miniresnet's batch-norm primitives (standardize, inv_std,
+    # standardize_affine, standardize_affine_grad). ``axis`` holds the negative axes reduced
+    # over (one statistic per remaining index, a "channel"); results keep those dimensions.
+    # ``stats`` is the dict :meth:`batch_stats` returns. A backend with a faster kernel
+    # overrides these for the cases it handles and defers to them for the rest.
+
+    def batch_stats(self, x: Any, axis: tuple[int, ...], eps: float) -> dict[str, Any]:
+        """Batch statistics of ``x`` over ``axis``: ``"mean"``, ``"var"`` (biased),
+        ``"inv"`` ``= 1 / sqrt(var + eps)`` (each with kept dimensions) and ``"xhat"`` ``=
+        (x - mean) inv``. The variance is the mean of the centred squares (two passes), never
+        ``mean(x^2) - mean^2``, which cancels."""
+        xp = self.xp
+        mean = xp.mean(x, axis=axis, keepdims=True)
+        centred = x - mean
+        var = xp.mean(centred * centred, axis=axis, keepdims=True)
+        inv = 1.0 / xp.sqrt(var + eps)
+        centred *= inv
+        return {"mean": mean, "var": var, "inv": inv, "xhat": centred}
+
+    def standardize_affine(self, x: Any, w: Any, b: Any, axis: tuple[int, ...], eps: float,
+                           stats: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        """``(xhat w + b, stats)``: batch norm in training mode, with per-channel ``w`` and
+        ``b`` (``x``'s shape without the ``axis`` axes); ``stats`` (of this ``x``), if given,
+        are used instead of computing them."""
+        if stats is None:
+            stats = self.batch_stats(x, axis, eps)
+        keep = _keepdims_shape(tuple(x.shape), axis)
+        out = stats["xhat"] * self.xp.reshape(w, keep)
+        out += self.xp.reshape(b, keep)
+        return out, stats
+
+    def standardize_affine_grad(self, g: Any, w: Any, stats: dict[str, Any],
+                                axis: tuple[int, ...]) -> Any:
+        """``w inv (g - mean(g) - xhat mean(g xhat))`` with ``inv`` and ``xhat`` from
+        ``stats`` (of an ``x`` with ``g``'s trailing shape; ``g`` may have leading stack
+        axes): the derivative of :meth:`standardize_affine` in ``x`` applied to ``g``."""
+        xp = self.xp
+        xhat = stats["xhat"]
+        k = xp.reshape(w, _keepdims_shape(tuple(xhat.shape), axis)) * stats["inv"]
+        m1 = xp.mean(g, axis=axis, keepdims=True)
+        m2 = xp.mean(g * xhat, axis=axis, keepdims=True)
+        out = g * k
+        out -= xhat * (k * m2)
+        out -= k * m1
+        return out
 
     def synchronize(self) -> None:
         """Wait for queued device work (only CuPy has any); use around timings."""

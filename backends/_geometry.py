@@ -77,6 +77,11 @@ def conv_geometry(
         For a bad stride or padding (see :func:`int_pair`); ValueError if the kernel does not
         fit the padded image (or a kernel size is < 1) or ``output_size`` is not ``(OH, OW)``.
     """
+    key = _cache_key(image_size, kernel_size, stride, padding, output_size)
+    if key is not None:
+        hit = _CHECKED.get(key)
+        if hit is not None:
+            return hit
     stride, padding = int_pair(name, stride, "stride"), int_pair(name, padding, "padding")
     kh, kw = kernel_size
     oh = conv_output_size(image_size[0], kh, stride[0], padding[0])
@@ -92,4 +97,25 @@ def conv_geometry(
             f"of size {tuple(image_size)} with a {kh}x{kw} kernel, stride {stride} and padding "
             f"{padding} (output size {(oh, ow)})"
         )
-    return stride, padding, (oh, ow)
+    result = stride, padding, (oh, ow)
+    if key is not None and len(_CHECKED) < _CHECKED_MAX:
+        _CHECKED[key] = result
+    return result
+
+
+# Geometries already checked, keyed by their arguments when every one is a plain int or tuple
+# of plain ints (so that a bool, float or NumPy integer, equal to an int as a dict key, is
+# never taken for it and still meets int_pair's checks): each layer's few geometries are
+# checked once instead of at every forward and adjoint call.
+_CHECKED: dict[tuple, tuple] = {}
+_CHECKED_MAX = 4096
+
+
+def _plain(value: Any) -> bool:
+    if type(value) is int:
+        return True
+    return type(value) is tuple and all(type(v) is int for v in value)
+
+
+def _cache_key(*args: Any) -> tuple | None:
+    return args if all(a is None or _plain(a) for a in args) else None

@@ -19,7 +19,7 @@ from typing import Any
 import array_api_compat.numpy as xp_numpy
 import numpy as np
 
-from . import _malloc
+from . import _fast_bn, _fast_conv, _malloc
 from ._generic import Backend, _check_image, to_host
 from ._geometry import conv_geometry, conv_output_size
 
@@ -171,16 +171,35 @@ COPY_S, FLOP_S = 2.5e-9, 1e-11
 ROWS_COPY_S, ROWS_FLOP_S = 1.5e-9, 2.5e-11  # _conv_rows: long copies, skinny GEMMs
 
 
+# The compiled 3x3 kernels (:mod:`._fast_conv`): a call's fixed cost, and seconds per flop and
+# per element of the shifted copies they build (fitted, like the constants above, with 2
+# threads on a 2-core machine of this project's kind: the dense product wins only on 2x2 images).
+COMPILED_CALL_S, COMPILED_FLOP_S, COMPILED_COPY_S = 5e-5, 1.05e-11, 2.5e-9
+
+
+def _compiled(x: Any, w: Any, stride: tuple[int, int], padding: tuple[int, int]) -> bool:
+    """Whether the compiled kernels of :mod:`._fast_conv` can compute this conv (and its
+    adjoints): installed, switched on (the one switch of the compiled kernels, in
+    :mod:`._fast_bn`), and a geometry they support."""
+    return _fast_bn.enabled() and _fast_conv.supported(x, w, stride, padding)
+
+
 def _dense_cheaper(n: int, c: int, h: int, w: int, f: int, kh: int, kw: int, oh: int, ow: int,
-                   build: bool = True, rows: tuple[int, int, int, int] | None = None) -> bool:
+                   build: bool = True, rows: tuple[int, int, int, int] | None = None,
+                   compiled: bool = False) -> bool:
     """Whether the dense product beats the patch GEMM (or, given ``rows=(input channels,
-    output channels, padded height, output width)`` of a :func:`_conv_rows` call, that kernel)
-    for conv on (n, c, h, w) inputs with (f, c, kh, kw) filters."""
+    output channels, padded height, output width)`` of a :func:`_conv_rows` call, that kernel;
+    or, with ``compiled``, the compiled 3x3 kernel of :mod:`._fast_conv`) for conv on (n, c, h,
+    w) inputs with (f, c, kh, kw) filters."""
     size = c * h * w * f * oh * ow
     if size > TOEPLITZ_MAX:
         return False
     dense = 2 * n * size * FLOP_S + (size * COPY_S + 2 * size * kh * kw * FLOP_S if build else 0)
-    if rows is None:
+    if compiled:
+        grid = n * (h + 1) * w
+        other = COMPILED_CALL_S + grid * (2 * kh * kw * c * f * COMPILED_FLOP_S
+                                          + (c + f) * COMPILED_COPY_S)
+    elif rows is None:
         other = n * c * kh * kw * oh * ow * (COPY_S + 2 * f * FLOP_S)
     else:
         cin, cout, hp, width = rows
@@ -263,13 +282,17 @@ class NumpyBackend(Backend):
         n, c, h, wd = _check_image(x)
         f, _, kh, kw = w.shape
         stride, padding, (oh, ow) = conv_geometry("conv", (h, wd), (kh, kw), stride, padding)
-        rows = not keep and stride == (1, 1)
-        if _dense_cheaper(n, c, h, wd, f, kh, kw, oh, ow,
+        compiled = _compiled(x, w, stride, padding)
+        rows = not keep and stride == (1, 1) and not compiled
+        if _dense_cheaper(n, c, h, wd, f, kh, kw, oh, ow, compiled=compiled,
                           rows=(c, f, h + 2 * padding[0], ow) if rows else None):
             t = _toeplitz(w, h, wd, stride, padding, oh, ow)
             x2 = x.reshape(n, c * h * wd)
             out = _channel_major((x2 @ t).reshape(n, f, oh, ow))
             return out, {"toeplitz": t, "x2": x2} if keep else None
+        if compiled:
+            out, shifted = _fast_conv.conv3x3(x, w)
+            return out, {"shifted": shifted} if keep else None
         if rows:
             return _conv_rows(x, w, *padding), None
         out, cols = _conv_patches(x, w, stride, padding, oh, ow, keep)
@@ -284,12 +307,16 @@ class NumpyBackend(Backend):
                                            padding, (oh, ow))
         (ph, pw) = padding
         t = saved.get("toeplitz") if saved else None
-        rows = stride == (1, 1) and ph < kh and pw < kw
+        compiled = g.dtype == w.dtype and _compiled(g, w, stride, padding)
+        rows = stride == (1, 1) and ph < kh and pw < kw and not compiled
         if t is not None or _dense_cheaper(n, c, height, width, f, kh, kw, oh, ow,
+                                           compiled=compiled,
                                            rows=(f, c, height + kh - 1, width) if rows else None):
             if t is None:
                 t = _toeplitz(w, height, width, stride, padding, oh, ow)
             return _channel_major((g.reshape(n, f * oh * ow) @ t.T).reshape(n, c, height, width))
+        if compiled:  # stride 1, padding 1: the same kernel with flipped, transposed filters
+            return _fast_conv.conv3x3_transpose(g, w)
         if rows:  # the input gradient is a conv of g with the flipped, transposed filters
             flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
             return _conv_rows(g, flipped, kh - 1 - ph, kw - 1 - pw)
@@ -306,7 +333,14 @@ class NumpyBackend(Backend):
         lead, f, oh, ow = g.shape[:-4], g.shape[-3], g.shape[-2], g.shape[-1]
         stride, padding, _ = conv_geometry("conv_weight_grad", (h, wd), (kh, kw), stride,
                                            padding, (oh, ow))
-        dense = "x2" in saved if saved else _dense_cheaper(n, c, h, wd, f, kh, kw, oh, ow, False)
+        filters = np.empty((0, c, kh, kw), x.dtype)  # the filters' shape and dtype, no data
+        compiled = g.dtype == x.dtype and _compiled(x, filters, stride, padding)
+        if saved:
+            dense = "x2" in saved
+        else:
+            dense = _dense_cheaper(n, c, h, wd, f, kh, kw, oh, ow, False, compiled=compiled)
+        if not dense and compiled and (not saved or "shifted" in saved):
+            return _fast_conv.conv3x3_weight_grad(x, g, saved["shifted"] if saved else None)
         if dense:
             x2 = saved["x2"] if saved else x.reshape(n, c * h * wd)
             dt = np.matmul(x2.T, g.reshape(*lead, n, f * oh * ow))  # (*B, C H W, F OH OW)
@@ -325,6 +359,24 @@ class NumpyBackend(Backend):
             dw = part if dw is None else dw + part
         assert dw is not None
         return dw.reshape(*lead, f, c, kh, kw)
+
+    # -- batch norm: the compiled kernels of :mod:`._fast_bn` for its hot case, when enabled
+    # there; the generic hooks for everything else
+
+    def batch_stats(self, x: Any, axis: tuple[int, ...], eps: float) -> dict[str, Any]:
+        stats = _fast_bn.batch_stats(x, axis, eps)
+        return stats if stats is not None else super().batch_stats(x, axis, eps)
+
+    def standardize_affine(self, x: Any, w: Any, b: Any, axis: tuple[int, ...], eps: float,
+                           stats: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        done = _fast_bn.standardize_affine(x, w, b, axis, eps, stats)
+        return done if done is not None else super().standardize_affine(x, w, b, axis, eps,
+                                                                         stats)
+
+    def standardize_affine_grad(self, g: Any, w: Any, stats: dict[str, Any],
+                                axis: tuple[int, ...]) -> Any:
+        out = _fast_bn.standardize_affine_grad(g, w, stats, axis)
+        return out if out is not None else super().standardize_affine_grad(g, w, stats, axis)
 
 
 def check_available() -> tuple[bool, str]:

@@ -2,6 +2,11 @@
 and ``standardize_affine_grad``, each forward beside its derivative rules, with their checked
 wrappers.
 
+The forwards are the backend's batch-norm hooks (``batch_stats``, ``standardize_affine`` and
+``standardize_affine_grad`` of :class:`~miniresnet.backends.Backend`, reached through
+``backend_of``), so that a backend may run them as compiled kernels; the derivative rules here
+are the same for every backend.
+
 They sit above :mod:`miniresnet.transforms` because one rule (the derivative in ``x`` of
 ``standardize_affine_grad``) is a nested transform of the composed expression. ``axis`` holds
 negative axes, so that stacked cotangents (extra leading axes) broadcast. Each forward saves the
@@ -17,29 +22,28 @@ import math
 from typing import Any
 
 from miniresnet import ops
+from miniresnet.backends import backend_of
 from miniresnet.ops import _axes, _check_dtypes
 from miniresnet.primitives import _keepdims_shape, batch_ndim
 from miniresnet.tracing import Primitive, Tensor, as_tensor, bind, bind_saving
 from miniresnet.transforms import jvp, vjp
 
 
-def _stats(xp, x, axis, eps, reuse):
+def _stats(x, axis, eps, reuse):
     """The batch statistics of ``x`` over ``axis`` (``reuse`` itself if it holds them for this
-    very ``x``)."""
+    very ``x``), computed by ``x``'s backend (:meth:`~miniresnet.backends.Backend.batch_stats`)
+    and tagged with the input they belong to."""
     if reuse is not None and reuse["input"] is x:
         return reuse
-    mean = xp.mean(x, axis=axis, keepdims=True)
-    centred = x - mean
-    var = xp.mean(centred * centred, axis=axis, keepdims=True)
-    inv = 1.0 / xp.sqrt(var + eps)
-    centred *= inv
-    return {"input": x, "mean": mean, "var": var, "inv": inv, "xhat": centred}
+    stats = backend_of(x).batch_stats(x, axis, eps)
+    stats["input"] = x
+    return stats
 
 
 def _statistic(name: str):
     """The impl of a primitive whose result is the statistic ``name``, saving them all."""
     def impl(xp, x, axis, eps, reuse=None):
-        stats = _stats(xp, x, axis, eps, reuse)
+        stats = _stats(x, axis, eps, reuse)
         return stats[name], stats
 
     return impl
@@ -76,10 +80,9 @@ inv_std_p = Primitive("inv_std", _statistic("inv"),
 # w and b hold one value per channel. The Jacobian in x is w · J_standardize, symmetric, so the
 # VJP and the JVP in x are the same map, standardize_affine_grad below.
 def _standardize_affine_impl(xp, x, w, b, axis, eps, reuse=None):
-    keep = _keepdims_shape(x.shape, axis)
-    stats = _stats(xp, x, axis, eps, reuse)
-    out = stats["xhat"] * xp.reshape(w, keep)
-    out += xp.reshape(b, keep)
+    stats = reuse if reuse is not None and reuse["input"] is x else None
+    out, stats = backend_of(x).standardize_affine(x, w, b, axis, eps, stats)
+    stats["input"] = x
     return out, stats
 
 
@@ -107,14 +110,8 @@ standardize_affine_p = Primitive("standardize_affine", _standardize_affine_impl,
 # A primitive for its few-pass forward. Linear in g and in w (closed-form rules); in x, the
 # derivative of the same expression written with other primitives, by a nested transform.
 def _standardize_affine_grad_impl(xp, g, x, w, axis, eps, reuse=None):
-    stats = _stats(xp, x, axis, eps, reuse)
-    xhat, k = stats["xhat"], xp.reshape(w, _keepdims_shape(x.shape, axis)) * stats["inv"]
-    m1 = xp.mean(g, axis=axis, keepdims=True)
-    m2 = xp.mean(g * xhat, axis=axis, keepdims=True)
-    out = g * k
-    out -= xhat * (k * m2)
-    out -= k * m1
-    return out, stats
+    stats = _stats(x, axis, eps, reuse)
+    return backend_of(x).standardize_affine_grad(g, w, stats, axis), stats
 
 
 def _affine_grad_composed(g, x, w, axis, eps, saved):

@@ -446,7 +446,9 @@ def bind_saving(prim: Primitive, args, params, reuse=None) -> tuple[Tensor, Any]
 def _evaluate(prim: Primitive, args, params, reuse=None) -> tuple[Tensor, Any]:
     raws, first, array_type = [], None, None
     for a in args:
-        r = a.raw if type(a) is Tensor else a
+        r = a
+        while type(r) is Tensor:  # Tensor.raw, inlined: this loop runs for every op
+            r = r._value
         if type(r) not in PYTHON_SCALARS:
             if array_type is None:
                 first, array_type = r, type(r)
@@ -457,7 +459,8 @@ def _evaluate(prim: Primitive, args, params, reuse=None) -> tuple[Tensor, Any]:
         raise TypeError(f"{prim.name}: needs at least one array argument, got {args!r}")
     be = backend_of(first)
     xp = be.xp
-    if _state["anomaly"]:
+    anomaly = _state["anomaly"]
+    if anomaly:
         # every op's result is checked, so a non-finite argument came in from outside
         for i, r in enumerate(raws):
             check_input_finite(repr(prim.name), r, f"argument {i} {_describe(r)}",
@@ -471,7 +474,7 @@ def _evaluate(prim: Primitive, args, params, reuse=None) -> tuple[Tensor, Any]:
     if prim.saves:
         out, saved = out
     out = be.as_array(out)
-    if _state["anomaly"]:
+    if anomaly:
         _check_finite(prim, xp, out, raws)
     return wrap(out), saved
 

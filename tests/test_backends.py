@@ -21,6 +21,8 @@ from miniresnet.backends import (
     Backend,
     BackendUnavailable,
     Rng,
+    _fast_bn,
+    _fast_conv,
     _generic,
     _numpy,
     available_backends,
@@ -245,6 +247,7 @@ def test_numpy_conv_paths_equal_generic(monkeypatch, layout, chunk, dense, geom,
 def test_numpy_conv_paths_are_taken(monkeypatch):
     """The branches the equality test above compares are really the ones that run."""
     be = get_backend("numpy")
+    monkeypatch.setattr(_numpy, "_compiled", lambda *args: False)  # see the test below
     x, w = host_normal(0, (8, 2, 4, 4)), host_normal(1, (3, 2, 3, 3))
     out, saved = be.conv(x, w, (1, 1), (1, 1))
     assert "toeplitz" in saved  # small images: dense
@@ -261,6 +264,38 @@ def test_numpy_conv_paths_are_taken(monkeypatch):
     assert len(be.conv(x, w, (1, 1), (1, 1))[1]["cols"]) == 1
     monkeypatch.setattr(_numpy, "CHUNK", 7)
     assert len(be.conv(x, w, (1, 1), (1, 1))[1]["cols"]) == 8
+
+
+@pytest.mark.skipif(not _fast_bn.available(), reason="numba not installed (the fast extra)")
+@pytest.mark.parametrize("layout", ["nchw", "channel_major"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_numpy_compiled_conv_paths(monkeypatch, layout, dtype):
+    """With the compiled kernels on, a 3x3 stride-1 conv and its adjoints run them (unless the
+    dense product is cheaper) and agree with the NumPy kernels; off, they never run."""
+    geom = (3, 2, 6, 5, 4, 3, 3, (1, 1), (1, 1), (2,))
+    x, w, g, gs = (a.astype(dtype) for a in _conv_inputs(11, geom))
+    if layout == "channel_major":
+        x, g = _numpy._channel_major(x), _numpy._channel_major(g)
+    be = get_backend("numpy")
+    calls = []
+    for name in ("conv3x3", "conv3x3_transpose", "conv3x3_weight_grad"):
+        real = getattr(_fast_conv, name)
+        monkeypatch.setattr(_fast_conv, name,
+                            lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    monkeypatch.setattr(_numpy, "_dense_cheaper", lambda *args, **kw: False)
+    with _fast_bn.forced(False):
+        plain = _conv_all(be, x, w, g, gs, geom)
+        assert "cols" in be.conv(x, w, (1, 1), (1, 1))[1]  # the switch is read at each call
+    assert not calls
+    calls.clear()
+    with _fast_bn.forced(True):
+        compiled = _conv_all(be, x, w, g, gs, geom)
+        assert "shifted" in be.conv(x, w, (1, 1), (1, 1))[1]
+    assert set(calls) == {"conv3x3", "conv3x3_transpose", "conv3x3_weight_grad"}
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    for a, b in zip(compiled, plain, strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("geom", [
@@ -377,6 +412,20 @@ def test_conv_geometry_returns_int_pairs():
     assert all(type(v) is int for v in stride + padding + size)
     with pytest.raises(ValueError, match=r"op: a 0x2 kernel"):
         conv_geometry("op", (7, 6), (0, 2), 1, 0)
+
+
+@pytest.mark.parametrize(("stride", "error"), [
+    (True, TypeError), (1.0, ValueError), ((1.0, 1), ValueError), ((True, 1), TypeError)])
+def test_conv_geometry_remembers_only_what_it_checked(stride, error):
+    """A checked geometry is remembered, but a bool or float equal to a remembered int (the
+    same dict key) is still checked and rejected."""
+    first = conv_geometry("op", (9, 9), (3, 3), 1, 1)
+    assert conv_geometry("op", (9, 9), (3, 3), 1, 1) == first == ((1, 1), (1, 1), (9, 9))
+    assert conv_geometry("op", (9, 9), (3, 3), (1, 1), 1) == first
+    with pytest.raises(error, match=r"op: stride must be"):
+        conv_geometry("op", (9, 9), (3, 3), stride, 1)
+    with pytest.raises(ValueError, match=r"cotangent of spatial size \(8, 9\)"):
+        conv_geometry("op", (9, 9), (3, 3), 1, 1, (8, 9))
 
 
 @pytest.mark.parametrize(("value", "error"), [
@@ -648,7 +697,8 @@ def test_strict_unavailable_message_mentions_install(monkeypatch):
 
 
 def test_backends_package_imports_nothing_else_from_miniresnet():
-    allowed = {"numpy", "array_api_compat", "array_api_extra", "array_api_strict", "cupy"}
+    allowed = {"numpy", "array_api_compat", "array_api_extra", "array_api_strict", "cupy",
+               "numba"}  # numba: the optional compiled kernels (the fast extra)
     allowed |= sys.stdlib_module_names
     folder = pathlib.Path(backends.__file__).parent
     for path in sorted(folder.glob("*.py")):
@@ -670,7 +720,7 @@ def test_backend_modules_extend_only_the_base_class():
     """One way to extend a backend: a module subclasses Backend and overrides methods; no backend
     module imports another one, and the base class takes no kernels in its constructor."""
     folder = pathlib.Path(backends.__file__).parent
-    shared = {"_generic", "_geometry", "_registry", "_malloc"}
+    shared = {"_generic", "_geometry", "_registry", "_malloc", "_fast_bn", "_fast_conv"}
     for path in sorted(folder.glob("_*.py")):
         if path.stem in shared:
             continue

@@ -188,6 +188,10 @@ def test_autocorrelation_of_white_noise_and_of_an_ar1_process():
 
 def test_autocorrelation_edge_cases_and_errors():
     assert np.all(np.isnan(autocorrelation(np.full(10, 2.0), 3)))
+    # a constant whose rounded mean is not itself (0.1 * 10 / 10 != 0.1 in some summation
+    # orders): still constant, still NaN
+    value = next(v for v in np.linspace(0.1, 0.9, 997) if np.full(255, v).mean() != v)
+    assert np.all(np.isnan(autocorrelation(np.full(255, value), 3)))
     got = autocorrelation(np.stack([np.ones(10), np.arange(10.0)], axis=1), 2)
     assert np.all(np.isnan(got[:, 0])) and got[0, 1] == 1.0
     with pytest.raises(ValueError, match=r"max_lag=10 is out of range.*length 10; valid: 0 to 9"):

@@ -45,6 +45,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from miniresnet.backends import limit_compiled_threads
 from miniresnet.experiments.keys import canonical, code_version, sha256
 from miniresnet.files import write_atomic  # also imported from here by callers
 
@@ -139,14 +140,20 @@ def make_trials(name: str, module: ModuleType, scale: str, seed: int,
 
 @contextlib.contextmanager
 def blas_threads(threads: int) -> Iterator[None]:
-    """Limit BLAS to ``threads`` threads inside the block (a no-op without threadpoolctl)."""
+    """Limit BLAS (through threadpoolctl, when installed) and the compiled kernels to
+    ``threads`` threads inside the block."""
+    previous = limit_compiled_threads(threads)
     try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        yield
-        return
-    with threadpool_limits(limits=threads):
-        yield
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:
+            yield
+            return
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        if previous is not None:
+            limit_compiled_threads(previous)
 
 
 def execute(module_name: str, config: dict, seed: int, threads: int, backend: str,
@@ -179,6 +186,7 @@ def _init_worker(threads: int) -> None:
     """Pool worker start-up: BLAS threads limited, Ctrl-C left to the parent process."""
     for var in BLAS_VARIABLES:
         os.environ[var] = str(threads)
+    limit_compiled_threads(threads)
     with contextlib.suppress(ImportError):
         from threadpoolctl import threadpool_limits
 
@@ -304,6 +312,7 @@ def _sigint_ignored() -> Iterator[None]:
 def _init_worker_dask(threads: int) -> None:
     for var in BLAS_VARIABLES:
         os.environ[var] = str(threads)
+    limit_compiled_threads(threads)
     with contextlib.suppress(ImportError):
         from threadpoolctl import threadpool_limits
 

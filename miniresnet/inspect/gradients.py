@@ -133,9 +133,12 @@ def autocorrelation(series, max_lag: int) -> np.ndarray:
     max_lag = _check_lag(max_lag, s.shape[0], "autocorrelation")
     d = s - s.mean(axis=0)
     norm = np.sum(d * d, axis=0)
+    # a constant series is recognised by its values, not by norm == 0: its rounded mean may
+    # differ from its value, leaving a constant d != 0 (and r = 1 - k/M) on some machines
+    defined = (norm > 0) & np.any(s != s[:1], axis=0)
     acf = np.stack([np.sum(d[: len(d) - k] * d[k:], axis=0) for k in range(max_lag + 1)])
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(norm > 0, acf / np.where(norm > 0, norm, 1.0), np.nan)
+        return np.where(defined, acf / np.where(defined, norm, 1.0), np.nan)
 
 
 def gradient_correlation(grads, max_lag: int | None = None) -> np.ndarray:
