@@ -26,6 +26,7 @@ Chunks are summed in a fixed order, so no result depends on the number of thread
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,11 @@ __all__ = ["AVAILABLE", "conv3x3", "conv3x3_transpose", "conv3x3_weight_grad", "
 
 #: whether Numba is installed (the kernels exist)
 AVAILABLE = numba is not None
+#: whether the NumPy backend uses these kernels (when the compiled kernels are switched on):
+#: only with ``MINIRESNET_FAST_CONV=1``. In a training step on two cores their threads and
+#: BLAS's compete (ResNet-20 steps ran up to 2x slower, waiting for a CPU); on one thread they
+#: only matched the NumPy kernels; they paid alone in the stacked-cotangent Jacobian.
+IN_USE = os.environ.get("MINIRESNET_FAST_CONV", "0") == "1"
 #: grid points (about) per forward job: its tile of 4 rows stays in the L1 cache
 BLOCK = 1024
 #: grid points per filter-gradient chunk (of sums kept apart, then added in order)

@@ -178,10 +178,10 @@ COMPILED_CALL_S, COMPILED_FLOP_S, COMPILED_COPY_S = 5e-5, 1.05e-11, 2.5e-9
 
 
 def _compiled(x: Any, w: Any, stride: tuple[int, int], padding: tuple[int, int]) -> bool:
-    """Whether the compiled kernels of :mod:`._fast_conv` can compute this conv (and its
-    adjoints): installed, switched on (the one switch of the compiled kernels, in
-    :mod:`._fast_bn`), and a geometry they support."""
-    return _fast_bn.enabled() and _fast_conv.supported(x, w, stride, padding)
+    """Whether the compiled kernels of :mod:`._fast_conv` compute this conv (and its adjoints):
+    installed, opted into (``_fast_conv.IN_USE``), switched on (the one switch of the compiled
+    kernels, in :mod:`._fast_bn`), and a geometry they support."""
+    return _fast_conv.IN_USE and _fast_bn.enabled() and _fast_conv.supported(x, w, stride, padding)
 
 
 def _dense_cheaper(n: int, c: int, h: int, w: int, f: int, kh: int, kw: int, oh: int, ow: int,

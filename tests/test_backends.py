@@ -283,6 +283,7 @@ def test_numpy_compiled_conv_paths(monkeypatch, layout, dtype):
         monkeypatch.setattr(_fast_conv, name,
                             lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     monkeypatch.setattr(_numpy, "_dense_cheaper", lambda *args, **kw: False)
+    monkeypatch.setattr(_fast_conv, "IN_USE", True)  # MINIRESNET_FAST_CONV=1
     with _fast_bn.forced(False):
         plain = _conv_all(be, x, w, g, gs, geom)
         assert "cols" in be.conv(x, w, (1, 1), (1, 1))[1]  # the switch is read at each call

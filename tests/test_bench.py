@@ -36,7 +36,7 @@ def test_quick_cli_runs_and_writes_json(tmp_path, capsys):
     pytest.importorskip("autograd")
     path = tmp_path / "report.json"
     bench.main(["--quick", "--cases", "resnet20,jacobian", "--dtypes", "float64",
-               "--repeats", "2", "--json", str(path)])
+               "--repeats", "2", "--libs", "ours,torch,autograd", "--json", str(path)])
     out = capsys.readouterr().out
     assert "ours/torch" in out and "GEMM" in out
     saved = json.loads(path.read_text())
@@ -61,7 +61,8 @@ def test_missing_torch_is_skipped_with_message(monkeypatch):
     pytest.importorskip("autograd")
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     messages = []
-    report = bench.run([_tiny_step()], ["float64"], repeats=1, echo=messages.append)
+    report = bench.run([_tiny_step()], ["float64"], repeats=1, libs=("ours", "torch", "autograd"),
+                       echo=messages.append)
     assert "torch" in report["skipped"]
     assert any(m.startswith("skipped: torch not installed") for m in messages)
     (rec,) = report["results"]
@@ -235,6 +236,12 @@ def test_case_groups():
         assert sorted({c.group for c in bench.build_cases(quick)}) == sorted(bench.GROUPS)
 
 
+def test_small_batch_resnet20_case_is_in_the_default_set():
+    (small,) = [c for c in bench.build_cases() if c.name == "resnet20 b8x1x8x8"]
+    assert small.group == "resnet20" and isinstance(small, bench.TrainStepCase)
+    assert (small.n, small.batch, small.channels, small.size, small.width) == (3, 8, 1, 8, 1.0)
+
+
 def _no_work(*args, **kwargs):
     raise AssertionError("work started before the arguments were checked")
 
@@ -249,7 +256,7 @@ def _no_work(*args, **kwargs):
     (["--cases", " , "], ["--cases", "empty"]),
     (["--dtypes", "float16"], ["--dtypes", "'float16'", "float64, float32"]),
     (["--libs", "torch"], ["--libs", "must include ours", "torch"]),
-    (["--libs", "ours,jax"], ["--libs", "'jax'", "ours, torch, autograd"]),
+    (["--libs", "ours,mxnet"], ["--libs", "'mxnet'", "ours, torch, autograd, jax, jax-jit"]),
     (["--json", "{tmp}/missing/r.json"], ["--json", "{tmp}/missing", "is not an existing folder"]),
     (["--json", "{tmp}/file/r.json"], ["--json", "{tmp}/file'", "is not an existing folder"]),
     (["--json", "{tmp}"], ["--json", "{tmp}", "folder"]),
@@ -292,9 +299,16 @@ def test_help_shows_program_defaults_and_choices(capsys):
     flat = " ".join(out.split())
     for text in ("among resnet20, jacobian, deep (default: resnet20,jacobian,deep)",
                  "among float64, float32 (default: float64,float32)",
-                 "among ours, torch, autograd; must include ours (default: ours,torch,autograd)",
+                 "must include ours (default: ours,torch,autograd,jax,jax-jit)",
                  f"(default: {bench.THREADS})", "(default: 5, or 2 with --quick)", "'?'", "130"):
         assert text in flat, text
+    # JAX and how it gets the thread count (compared without spaces: argparse may wrap a line
+    # at the hyphen of jax-jit)
+    bare = "".join(out.split())
+    for text in ("among ours, torch, autograd, jax, jax-jit", "JAX (eager, and jax-jit",
+                 "JAX gets --threads through PJRT_NPROC, set before XLA creates its CPU client",
+                 "XLA's CPU pool"):
+        assert "".join(text.split()) in bare, text
     for markup in ("``", ":data:", ":func:", ":class:", "%("):
         assert markup not in out
 
@@ -341,6 +355,18 @@ def test_real_sigint_exits_130(tmp_path):
     assert proc.returncode == 130, err
     assert err == "python -m miniresnet.bench: interrupted (Ctrl-C); no report saved\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_run_limits_our_compiled_kernels_to_the_thread_count():
+    numba = pytest.importorskip("numba")
+    before = numba.get_num_threads()
+    seen = []
+    case = _SleepCase(work=lambda: seen.append(numba.get_num_threads()))
+    report = bench.run([case], ["float64"], repeats=1, libs=("ours",), threads=1,
+                       echo=lambda _: None)
+    assert set(seen) == {1}
+    assert report["environment"]["compiled_kernel_threads"] == 1
+    assert numba.get_num_threads() == before  # restored after the run
 
 
 def test_run_checks_its_arguments_before_any_work(monkeypatch):

@@ -13,19 +13,25 @@ import tracemalloc
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 import miniresnet.functional as F
 from miniresnet import nn
-from miniresnet.bench import autograd_twin, ours, torch_twin
+from miniresnet.bench import autograd_twin, jax_twin, ours, torch_twin
 from miniresnet.bench.measure import Fn, traced_peak
 
-# The comparison libraries, by the name of the module they are imported as: each twin module
-# has train_step, block_jacobian and to_host (see torch_twin.py).
-TWINS: dict[str, Any] = {"torch": torch_twin, "autograd": autograd_twin}
+# The comparison libraries and their twins: each twin has train_step, block_jacobian and
+# to_host (see torch_twin.py). A library is imported as the module of its own name, or of the
+# name in MODULES ("jax-jit" is the jax module, its twin the jitted jax_twin).
+TWINS: dict[str, Any] = {"torch": torch_twin, "autograd": autograd_twin, "jax": jax_twin,
+                         "jax-jit": jax_twin.JIT}
+MODULES: dict[str, str] = {"jax-jit": "jax"}
 LIBS: tuple[str, ...] = ("ours", *TWINS)
+# the libraries whose memory tracemalloc sees (NumPy buffers); PyTorch's and XLA's allocators
+# are not traced
+TRACED_MEMORY: tuple[str, ...] = ("ours", "autograd")
 # joint relative error (see joint_rel_error) allowed between libraries. float32: rounding
 # through 20 batch norms alone separates the libraries on a ResNet-20 training step (the check
 # column shows by how much); 1e-2 is above that and still rejects different work (a changed
@@ -56,8 +62,11 @@ class Case:
 
     Subclasses implement :meth:`setup` and :meth:`flops`; :meth:`check` compares every library's
     outputs with ours. ``weight_hook(lib, weights) -> weights`` (tests only) may alter the
-    host copy of the weights handed to one library, to exercise a failing check.
+    host copy of the weights handed to one library, to exercise a failing check. A library in
+    :attr:`not_run` is left out of the case, with the reason reported.
     """
+
+    not_run: ClassVar[dict[str, str]] = {}
 
     name: str
     group: str
@@ -237,6 +246,10 @@ class DeepNetCase(TrainStepCase):
     """Forward+backward of a very deep ``resnet_cifar(n, width=0.25)`` (6n+2 layers), plus
     memory: the tracemalloc peak at several depths, and whether the graph is released."""
 
+    not_run: ClassVar[dict[str, str]] = {
+        "jax-jit": "jax.jit compiles the unrolled network as one program, which XLA had not "
+                   "finished compiling after 13 minutes at 1,000 layers (2 CPUs)"}
+
     def __init__(self, name: str, group: str, n: int, batch: int = 8,
                  memory_depths: Sequence[int] = (41, 83, 166), **kw: Any) -> None:
         super().__init__(name, group, n=n, batch=batch, channels=1, size=8, width=0.25, **kw)
@@ -247,12 +260,13 @@ class DeepNetCase(TrainStepCase):
         for n in self.memory_depths:
             sub = DeepNetCase(self.name, self.group, n=n, batch=self.batch, memory_depths=())
             row: dict[str, Any] = {"n": n, "layers": 6 * n + 2}
-            fns = sub.setup(dtype, {k: v for k, v in libs.items() if k != "torch"})
+            fns = sub.setup(dtype, {k: v for k, v in libs.items() if k in TRACED_MEMORY})
             for lib, fn in fns.items():
                 row[f"{lib}_peak_MB"] = traced_peak(fn) / 1e6
             rows.append(row)
-        return {"memory": rows, "memory_method": "tracemalloc peak above the memory held before "
-                                                 "the call (NumPy buffers; PyTorch not seen)",
+        return {"memory": rows,
+                "memory_method": "tracemalloc peak above the memory held before the call "
+                                 "(NumPy buffers; PyTorch and JAX not seen)",
                 "graph_release": graph_release(self._model(dtype), *self._data(dtype))}
 
 
@@ -298,6 +312,8 @@ def build_cases(quick: bool = False) -> list[Case]:
             DeepNetCase("resnet32 w0.25 b2", "deep", n=5, batch=2, memory_depths=(2, 5)),
         ]
     return [
+        # a small batch: the engine's per-op overhead shows most here
+        TrainStepCase("resnet20 b8x1x8x8", "resnet20", n=3, batch=8, channels=1, size=8),
         TrainStepCase("resnet20 b128x1x8x8", "resnet20", n=3, batch=128, channels=1, size=8),
         TrainStepCase("resnet20 b32x3x32x32", "resnet20", n=3, batch=32, channels=3, size=32),
         BlockJacobianCase("block jacobian 16ch 8x8", "jacobian", channels=16, size=8),

@@ -51,9 +51,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """The command line: see ``python -m miniresnet.bench --help``. Ctrl-C stops it with exit
     status 130 after one line (the report is written only at the end)."""
     p = argparse.ArgumentParser(
-        prog=PROG, description="Time miniresnet side by side with PyTorch and HIPS autograd, "
-        "in one process, after checking that every library computes the same numbers.",
-        epilog="Times and ratios marked '?' were measured while this process's threads waited "
+        prog=PROG, description="Time miniresnet side by side with PyTorch, HIPS autograd and "
+        "JAX (eager, and jax-jit: compiled, its compile time reported apart), in one process, "
+        "after checking that every library computes the same numbers; then show where our "
+        "time goes (conv, batch norm, elementwise, other primitives, engine).",
+        epilog="JAX gets --threads through PJRT_NPROC, set before XLA creates its CPU client "
+               "(otherwise XLA uses every CPU the process may use). "
+               "Times and ratios marked '?' were measured while this process's threads waited "
                "for a CPU (a contended machine) and are unreliable. Ctrl-C stops it (exit "
                "status 130); nothing is written.")
     p.add_argument("--cases", type=_names(GROUPS), default=",".join(GROUPS),
@@ -69,7 +73,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                    help=f"comma-separated, among {', '.join(LIBS)}; must include ours "
                         f"(default: %(default)s)")
     p.add_argument("--threads", type=whole_number(1), default=THREADS,
-                   help="threads of every library (BLAS pools, PyTorch) (default: %(default)s)")
+                   help="threads of every library (BLAS pools, our compiled kernels, PyTorch, "
+                        "XLA's CPU pool) "
+                        "(default: %(default)s)")
     p.add_argument("--json", metavar="PATH", type=_json_target, default=None,
                    help="save the full report here as JSON (its folder must exist)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and 2 repeats (for tests)")
