@@ -66,7 +66,7 @@ from __future__ import annotations
 from ._fast_bn import forced as compiled_kernels
 from ._fast_conv import limit_threads as limit_compiled_threads
 from ._generic import Backend, Rng
-from ._geometry import conv_geometry, conv_output_size, int_pair
+from ._geometry import conv_geometry, conv_output_size, int_pair, keepdims_shape
 from ._registry import (
     BACKEND_NAMES,
     PYTHON_SCALARS,
@@ -92,6 +92,7 @@ __all__ = [
     "get_backend",
     "int_pair",
     "is_available",
+    "keepdims_shape",
     "limit_compiled_threads",
     "python_scalar",
 ]

@@ -31,16 +31,11 @@ from typing import Any
 
 import numpy as np
 
-try:
-    import numba
-except ImportError:  # the optional "fast" extra
-    numba = None
+from ._jit import AVAILABLE, LazyKernels
 
 __all__ = ["AVAILABLE", "conv3x3", "conv3x3_transpose", "conv3x3_weight_grad", "limit_threads",
            "shifted_images", "supported"]
 
-#: whether Numba is installed (the kernels exist)
-AVAILABLE = numba is not None
 #: whether the NumPy backend uses these kernels (when the compiled kernels are switched on):
 #: only with ``MINIRESNET_FAST_CONV=1``. In a training step on two cores their threads and
 #: BLAS's compete (ResNet-20 steps ran up to 2x slower, waiting for a CPU); on one thread they
@@ -56,15 +51,9 @@ _FB = 4  # filters per forward job
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def _jit(fastmath: Any = frozenset({"contract"}), parallel: bool = False, inline: str = "never"):
-    """Numba's ``njit`` with the settings of every kernel here (a no-op without Numba)."""
-    if numba is None:
-        return lambda fn: fn
-    return numba.njit(cache=True, boundscheck=False, fastmath=set(fastmath), parallel=parallel,
-                      inline=inline)
-
-
-_prange = numba.prange if numba is not None else range
+_KERNELS = LazyKernels(globals())  # the kernels below, compiled on first use
+_jit = _KERNELS.kernel
+_prange = range  # numba.prange once compiled
 
 
 def limit_threads(threads: int) -> int | None:
@@ -72,8 +61,10 @@ def limit_threads(threads: int) -> int | None:
     thread; Numba's default is every CPU, like BLAS's), so that a caller that limits BLAS can
     keep worker processes x threads within the cores. Returns the previous count (None without
     Numba)."""
-    if numba is None:
+    if not AVAILABLE:
         return None
+    import numba
+
     previous = numba.get_num_threads()
     numba.set_num_threads(max(1, min(int(threads), numba.config.NUMBA_NUM_THREADS)))
     return previous
@@ -270,6 +261,7 @@ def _weight_grad_grid(xs, gg, w, chunk, part):  # pragma: no cover (compiled)
 def shifted_images(x: np.ndarray) -> np.ndarray:
     """The shifted images (3, C, L) of (N, C, H, W) images ``x`` (see the module docstring); what
     :func:`conv3x3` returns for :func:`conv3x3_weight_grad` to reuse."""
+    _KERNELS.compile()
     n, c, h, w = x.shape
     xs = _aligned_empty((3, c, _grid_length(n, h, w)), x.dtype)
     # channel-major (C, N, H W): a view of our activations, a copy of anything else
@@ -282,6 +274,7 @@ def _conv(xs: np.ndarray, w: np.ndarray, shape: tuple[int, int, int, int]) -> np
     """conv3x3 from shifted images; ``shape`` is the input's (N, C, H, W)."""
     n, _, h, wd = shape
     f = w.shape[0]
+    _KERNELS.compile()
     f4 = -(-f // _FB) * _FB
     if f4 != f:  # zero filters make whole jobs of four
         w = np.concatenate([w, np.zeros((f4 - f, *w.shape[1:]), w.dtype)])
@@ -318,6 +311,7 @@ def conv3x3_weight_grad(x: np.ndarray, g: np.ndarray, xs: np.ndarray | None = No
     """
     n, c, h, wd = x.shape
     lead, f = g.shape[:-4], g.shape[-3]
+    _KERNELS.compile()
     if xs is None:
         xs = shifted_images(x)
     rows = int(np.prod(lead, dtype=np.int64)) * f

@@ -15,7 +15,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ._geometry import conv_geometry
+from ._geometry import conv_geometry, keepdims_shape
 from ._registry import backend_of
 
 __all__ = ["Backend", "Rng", "to_host"]
@@ -28,12 +28,6 @@ def _check_image(x: Any) -> tuple[int, ...]:
     if len(shape) != 4:
         raise ValueError(f"x must have shape (N, C, H, W), got {shape}")
     return shape
-
-
-def _keepdims_shape(shape: tuple[int, ...], axis: tuple[int, ...]) -> tuple[int, ...]:
-    """``shape`` with 1 on the ``axis`` axes (negative ones allowed)."""
-    reduced = {a % len(shape) for a in axis}
-    return tuple(1 if i in reduced else d for i, d in enumerate(shape))
 
 
 def _check_cols(cols: Any) -> tuple[int, ...]:
@@ -436,7 +430,7 @@ class Backend:
         are used instead of computing them."""
         if stats is None:
             stats = self.batch_stats(x, axis, eps)
-        keep = _keepdims_shape(tuple(x.shape), axis)
+        keep = keepdims_shape(tuple(x.shape), axis)
         out = stats["xhat"] * self.xp.reshape(w, keep)
         out += self.xp.reshape(b, keep)
         return out, stats
@@ -448,7 +442,7 @@ class Backend:
         axes): the derivative of :meth:`standardize_affine` in ``x`` applied to ``g``."""
         xp = self.xp
         xhat = stats["xhat"]
-        k = xp.reshape(w, _keepdims_shape(tuple(xhat.shape), axis)) * stats["inv"]
+        k = xp.reshape(w, keepdims_shape(tuple(xhat.shape), axis)) * stats["inv"]
         m1 = xp.mean(g, axis=axis, keepdims=True)
         m2 = xp.mean(g * xhat, axis=axis, keepdims=True)
         out = g * k

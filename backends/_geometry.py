@@ -1,4 +1,5 @@
-"""Convolution geometry: the one place that checks a stride, a padding and an output size.
+"""Convolution geometry: the one place that checks a stride, a padding and an output size
+(and the shape arithmetic of reductions with kept dimensions).
 
 Every convolution-like operation (the ops ``conv``, ``conv_transpose``, ``conv_weight_grad``,
 ``im2col``, ``col2im``, the pooling functions and the backends' kernels) checks its geometry
@@ -11,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["conv_geometry", "conv_output_size", "int_pair"]
+__all__ = ["conv_geometry", "conv_output_size", "int_pair", "keepdims_shape"]
 
 _MINIMUM = {"stride": 1, "padding": 0}  # every other size (kernel, output) is at least 1
 
@@ -111,11 +112,21 @@ _CHECKED: dict[tuple, tuple] = {}
 _CHECKED_MAX = 4096
 
 
-def _plain(value: Any) -> bool:
-    if type(value) is int:
-        return True
-    return type(value) is tuple and all(type(v) is int for v in value)
-
-
 def _cache_key(*args: Any) -> tuple | None:
-    return args if all(a is None or _plain(a) for a in args) else None
+    # plain loops, not generators: this runs at every conv call and adjoint
+    for a in args:
+        kind = type(a)
+        if kind is tuple:
+            for v in a:
+                if type(v) is not int:
+                    return None
+        elif kind is not int and a is not None:
+            return None
+    return args
+
+
+def keepdims_shape(shape: tuple[int, ...], axis: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` with 1 on the ``axis`` axes (negative ones allowed): the shape of a reduction
+    over ``axis`` with kept dimensions."""
+    reduced = {a % len(shape) for a in axis}
+    return tuple(1 if i in reduced else d for i, d in enumerate(shape))

@@ -3,7 +3,9 @@
 The kernels keep the patches channel-major, (C kh kw, N OH OW), so that each product is one GEMM
 on 2-D arrays; im2col is a view of those patches. col2im is the shared one of
 :class:`._generic.Backend`. The test module checks every path here against the array-API-only
-kernels.
+kernels. With Numba installed, 3x3 stride-1 convolutions on images of 16 x 16 or more run the
+Winograd kernels of :mod:`._winograd` instead (tests/test_winograd.py checks them), and batch
+norm's training-mode passes those of :mod:`._fast_bn`.
 
 NumPy's quirks stay here, behind :class:`._generic.Backend` hooks: its 0-d results are scalars
 (``numpy.float64``, see :attr:`NumpyBackend.scalar_type`, :meth:`NumpyBackend.as_array` and
@@ -19,7 +21,7 @@ from typing import Any
 import array_api_compat.numpy as xp_numpy
 import numpy as np
 
-from . import _fast_bn, _fast_conv, _malloc
+from . import _fast_bn, _fast_conv, _malloc, _winograd
 from ._generic import Backend, _check_image, to_host
 from ._geometry import conv_geometry, conv_output_size
 
@@ -141,7 +143,8 @@ def _conv_rows(x: np.ndarray, w: np.ndarray, ph: int, pw: int) -> np.ndarray:
     n, _, h, wd = x.shape
     hp, oh, ow = h + 2 * ph, h + 2 * ph - kh + 1, wd + 2 * pw - kw + 1
     xt = x.transpose(1, 0, 2, 3)
-    taps = [np.ascontiguousarray(w[:, :, i, :]).reshape(f, c * kw) for i in range(kh)]
+    # one copy of all kh taps, (kh, F, C kw); w may be any strided view (flipped filters)
+    taps = np.ascontiguousarray(w.transpose(2, 0, 1, 3)).reshape(kh, f, c * kw)
     ranges = _chunks(n, c * kw * hp * ow)
     out = np.empty((f, n, oh, ow), dtype=np.result_type(x, w)) if len(ranges) > 1 else None
     for a, b in ranges:
@@ -182,6 +185,22 @@ def _compiled(x: Any, w: Any, stride: tuple[int, int], padding: tuple[int, int])
     installed, opted into (``_fast_conv.IN_USE``), switched on (the one switch of the compiled
     kernels, in :mod:`._fast_bn`), and a geometry they support."""
     return _fast_conv.IN_USE and _fast_bn.enabled() and _fast_conv.supported(x, w, stride, padding)
+
+
+def _wino(x: Any, w: Any, stride: tuple[int, int], padding: tuple[int, int]) -> bool:
+    """Whether the Winograd kernels of :mod:`._winograd` compute this conv (and its adjoints):
+    installed, switched on (the one switch of the compiled kernels, in :mod:`._fast_bn`), and
+    a geometry where they measured faster (3x3, stride 1, padding 1, images of 16 x 16 or
+    more)."""
+    return _fast_bn.enabled() and _winograd.preferred(x, w, stride, padding)
+
+
+def _same_view(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` view the same memory the same way (the same data, as long as
+    neither is written to: the reverse pass never writes to a cotangent). ``a`` is held, so
+    that no other array can take its place in memory meanwhile."""
+    return (a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+            and a.shape == b.shape and a.strides == b.strides and a.dtype == b.dtype)
 
 
 def _dense_cheaper(n: int, c: int, h: int, w: int, f: int, kh: int, kw: int, oh: int, ow: int,
@@ -282,6 +301,9 @@ class NumpyBackend(Backend):
         n, c, h, wd = _check_image(x)
         f, _, kh, kw = w.shape
         stride, padding, (oh, ow) = conv_geometry("conv", (h, wd), (kh, kw), stride, padding)
+        if _wino(x, w, stride, padding):
+            out, kept = _winograd.conv(x, w)
+            return out, {"winograd": kept} if keep else None
         compiled = _compiled(x, w, stride, padding)
         rows = not keep and stride == (1, 1) and not compiled
         if _dense_cheaper(n, c, h, wd, f, kh, kw, oh, ow, compiled=compiled,
@@ -307,6 +329,16 @@ class NumpyBackend(Backend):
                                            padding, (oh, ow))
         (ph, pw) = padding
         t = saved.get("toeplitz") if saved else None
+        if t is None and _wino(g, w.transpose(1, 0, 2, 3), stride, padding):  # g: F channels
+            kept = saved.get("winograd") if saved else None
+            if kept is None or kept.chunks[-1][1] != n:  # (a stack of cotangents: n > N)
+                return _winograd.conv_transpose(g, w)
+            # the filter gradient for this g comes almost free with the input gradient (one
+            # transform of g serves both): kept, with g, for conv_weight_grad, which the
+            # reverse pass calls next with the same g
+            dx, dw = _winograd.grads(g, w, kept)
+            saved["winograd_dw"] = (g, dw)
+            return dx
         compiled = g.dtype == w.dtype and _compiled(g, w, stride, padding)
         rows = stride == (1, 1) and ph < kh and pw < kw and not compiled
         if t is not None or _dense_cheaper(n, c, height, width, f, kh, kw, oh, ow,
@@ -318,7 +350,7 @@ class NumpyBackend(Backend):
         if compiled:  # stride 1, padding 1: the same kernel with flipped, transposed filters
             return _fast_conv.conv3x3_transpose(g, w)
         if rows:  # the input gradient is a conv of g with the flipped, transposed filters
-            flipped = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
+            flipped = w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3)  # a view: _conv_rows copies it
             return _conv_rows(g, flipped, kh - 1 - ph, kw - 1 - pw)
         gt = g.transpose(1, 0, 2, 3).reshape(f, n * oh * ow)
         cols = (w.reshape(f, c * kh * kw).T @ gt).reshape(c, kh, kw, n, oh, ow)
@@ -335,6 +367,13 @@ class NumpyBackend(Backend):
                                            padding, (oh, ow))
         filters = np.empty((0, c, kh, kw), x.dtype)  # the filters' shape and dtype, no data
         compiled = g.dtype == x.dtype and _compiled(x, filters, stride, padding)
+        if saved and "winograd" in saved:
+            done = saved.pop("winograd_dw", None)
+            if done is not None and _same_view(done[0], g):
+                return done[1]
+            return _winograd.weight_grad(x, g, saved["winograd"])
+        if not saved and g.dtype == x.dtype and _wino(x, filters, stride, padding):
+            return _winograd.weight_grad(x, g, None)
         if saved:
             dense = "x2" in saved
         else:

@@ -22,9 +22,9 @@ import math
 from typing import Any
 
 from miniresnet import ops
-from miniresnet.backends import backend_of
+from miniresnet.backends import backend_of, keepdims_shape
 from miniresnet.ops import _axes, _check_dtypes
-from miniresnet.primitives import _keepdims_shape, batch_ndim
+from miniresnet.primitives import batch_ndim
 from miniresnet.tracing import Primitive, Tensor, as_tensor, bind, bind_saving
 from miniresnet.transforms import jvp, vjp
 
@@ -88,7 +88,7 @@ def _standardize_affine_impl(xp, x, w, b, axis, eps, reuse=None):
 
 def _channels(t, arg, x, axis):
     """A per-channel stack ``t`` (batch + (C,)) reshaped to broadcast against ``x``."""
-    return ops.reshape(t, t.shape[:batch_ndim(t, arg)] + _keepdims_shape(x.shape, axis))
+    return ops.reshape(t, t.shape[:batch_ndim(t, arg)] + keepdims_shape(x.shape, axis))
 
 
 standardize_affine_p = Primitive("standardize_affine", _standardize_affine_impl,
@@ -117,7 +117,7 @@ def _standardize_affine_grad_impl(xp, g, x, w, axis, eps, reuse=None):
 def _affine_grad_composed(g, x, w, axis, eps, saved):
     """standardize_affine_grad written with other primitives (differentiable in x)."""
     xhat = standardize(x, axis, eps, reuse=saved)
-    scale = ops.reshape(w, _keepdims_shape(x.shape, axis)) * inv_std(x, axis, eps, reuse=saved)
+    scale = ops.reshape(w, keepdims_shape(x.shape, axis)) * inv_std(x, axis, eps, reuse=saved)
     return scale * (g - ops.mean(g, axis, keepdims=True)
                     - xhat * ops.mean(g * xhat, axis, keepdims=True))
 
@@ -145,7 +145,7 @@ def _affine_grad_jvp_w(t, ans, g, x, w, axis, eps, saved):
     if not n:
         return standardize_affine_grad(g, x, t, axis, eps, reuse=saved)
     unit = standardize_affine_grad(g, x, ops.ones_like(w), axis, eps, reuse=saved)
-    keep = (1,) * (g.ndim - x.ndim) + _keepdims_shape(x.shape, axis)
+    keep = (1,) * (g.ndim - x.ndim) + keepdims_shape(x.shape, axis)
     return ops.reshape(t, t.shape[:n] + keep) * unit
 
 

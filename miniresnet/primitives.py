@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 
 from miniresnet import ops, tracing
-from miniresnet.backends import backend_of
+from miniresnet.backends import backend_of, keepdims_shape
 from miniresnet.tracing import Primitive
 
 LINEAR = "linear"
@@ -53,16 +53,10 @@ def _mask(cond, like):
     return ops.astype(cond, like.dtype)
 
 
-def _keepdims_shape(shape, axis):
-    """``shape`` with 1 on the ``axis`` axes (negative ones allowed)."""
-    axis = {a % len(shape) for a in axis}
-    return tuple(1 if i in axis else d for i, d in enumerate(shape))
-
-
 def _expand(g, ans, x, axis, keepdims):
     """Reshape a reduction's cotangent so that it broadcasts against ``x`` (batch axes kept)."""
     lead = g.shape[: batch_ndim(g, ans)]
-    return g if keepdims else ops.reshape(g, lead + _keepdims_shape(x.shape, axis))
+    return g if keepdims else ops.reshape(g, lead + keepdims_shape(x.shape, axis))
 
 
 def _unbroadcast(g, x_shape, out_shape):
@@ -151,7 +145,7 @@ def _logsumexp_impl(xp, x, axis, keepdims):
 
 def _max_weights(ans, x, axis, keepdims):
     """Where ``x`` attains its max, split evenly among ties (a constant)."""
-    a = ans if keepdims else ops.reshape(ans, _keepdims_shape(x.shape, axis))
+    a = ans if keepdims else ops.reshape(ans, keepdims_shape(x.shape, axis))
     hit = _mask(ops.equal(x, a), x)
     return hit / ops.sum(hit, axis=axis, keepdims=True)
 

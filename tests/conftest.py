@@ -41,6 +41,24 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "backends(*names): run only under these backends")
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker (pytest -n auto)
+        _one_thread_per_worker()
+
+
+def _one_thread_per_worker() -> None:
+    """Under pytest-xdist each worker is one of as many processes as there are cores: BLAS and
+    the compiled kernels get one thread each, in the worker and (BLAS) in the processes its
+    tests start, so that workers x threads never exceed the cores (oversubscribed BLAS threads
+    slow a 2-core machine down several times)."""
+    from threadpoolctl import threadpool_limits
+
+    from miniresnet.backends import limit_compiled_threads
+    from miniresnet.experiments.runner import BLAS_VARIABLES
+
+    for name in BLAS_VARIABLES:
+        os.environ[name] = "1"
+    threadpool_limits(limits=1)
+    limit_compiled_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -237,6 +237,7 @@ def test_numpy_conv_paths_equal_generic(monkeypatch, layout, chunk, dense, geom,
         if chunk is not None:
             m.setattr(_numpy, "CHUNK", chunk)
         m.setattr(_numpy, "_dense_cheaper", lambda *args, **kw: dense)
+        m.setattr(_numpy, "_wino", lambda *args: False)  # tests/test_winograd.py checks it
         fast = _conv_all(get_backend("numpy"), x, w, g, gs, geom)
     generic = generic_numpy()
     for a, b in zip(fast, _conv_all(generic, x, w, g, gs, geom), strict=True):
@@ -248,6 +249,7 @@ def test_numpy_conv_paths_are_taken(monkeypatch):
     """The branches the equality test above compares are really the ones that run."""
     be = get_backend("numpy")
     monkeypatch.setattr(_numpy, "_compiled", lambda *args: False)  # see the test below
+    monkeypatch.setattr(_numpy, "_wino", lambda *args: False)  # see tests/test_winograd.py
     x, w = host_normal(0, (8, 2, 4, 4)), host_normal(1, (3, 2, 3, 3))
     out, saved = be.conv(x, w, (1, 1), (1, 1))
     assert "toeplitz" in saved  # small images: dense
@@ -721,7 +723,8 @@ def test_backend_modules_extend_only_the_base_class():
     """One way to extend a backend: a module subclasses Backend and overrides methods; no backend
     module imports another one, and the base class takes no kernels in its constructor."""
     folder = pathlib.Path(backends.__file__).parent
-    shared = {"_generic", "_geometry", "_registry", "_malloc", "_fast_bn", "_fast_conv"}
+    shared = {"_generic", "_geometry", "_registry", "_malloc", "_jit", "_fast_bn", "_fast_conv",
+              "_winograd"}
     for path in sorted(folder.glob("_*.py")):
         if path.stem in shared:
             continue

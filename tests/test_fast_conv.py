@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from conv_kernel_checks import DTYPES, channel_major, check, given_problems, inputs
 
 numba = pytest.importorskip("numba")
 
@@ -24,23 +23,9 @@ from miniresnet.backends import compiled_kernels, get_backend  # noqa: E402
 
 pytestmark = pytest.mark.backends("numpy")
 
-DTYPES = [np.float32, np.float64]
 
 
-def _channel_major(a: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) ``a`` as a transposed view of a C-contiguous (C, N, H, W) buffer, the layout
-    of our activations."""
-    return np.ascontiguousarray(a.transpose(1, 0, 2, 3)).transpose(1, 0, 2, 3)
 
-
-def _inputs(seed, n, c, h, w, f, dtype, channel_major, lead=()):
-    rng = np.random.default_rng(seed)
-    layout = _channel_major if channel_major else np.ascontiguousarray
-    x = layout(rng.standard_normal((n, c, h, w)).astype(dtype))
-    wt = rng.standard_normal((f, c, 3, 3)).astype(dtype)
-    g = layout(rng.standard_normal((n, f, h, w)).astype(dtype))
-    gs = rng.standard_normal((*lead, n, f, h, w)).astype(dtype)
-    return x, wt, g, gs
 
 
 def _oracle(x, w, g, gs):
@@ -58,12 +43,6 @@ def _oracle(x, w, g, gs):
         return list(zip(ops(x, w, g, gs), ops(*map(np.abs, (x, w, g, gs))), strict=True))
 
 
-def _check(got, want, scale, terms, dtype):
-    assert got.shape == want.shape and got.dtype == dtype
-    u = float(np.finfo(dtype).eps) / 2
-    err = np.abs(got.astype(np.float64) - want)
-    bound = 2 * terms * u * scale + np.finfo(np.float64).tiny
-    assert np.all(err <= bound), f"max error / bound {np.max(err / bound):.3g}"
 
 
 def _fast(x, w, g, gs):
@@ -78,17 +57,15 @@ def _check_all(x, w, g, gs, dtype):
     got = _fast(x, w, g, gs)
     for a, (want, scale), terms in zip(got, _oracle(x, w, g, gs),
                                        [9 * c, 9 * f, n * h * wd, n * h * wd], strict=True):
-        _check(a, want, scale, terms, dtype)
+        check(a, want, scale, terms, dtype)
     for a in got[:2]:  # (N, ., H, W) views of channel-major buffers, like the NumPy kernels'
         assert a.transpose(1, 0, 2, 3).flags.c_contiguous
     return got
 
 
-@given(n=st.integers(1, 4), c=st.integers(1, 5), h=st.integers(1, 9), w=st.integers(1, 9),
-       f=st.integers(1, 6), lead=st.sampled_from([(), (2,), (2, 3)]),
-       dtype=st.sampled_from(DTYPES), channel_major=st.booleans(), seed=st.integers(0, 2**31))
+@given_problems
 def test_kernels_match_float64_oracle(n, c, h, w, f, lead, dtype, channel_major, seed):
-    _check_all(*_inputs(seed, n, c, h, w, f, dtype, channel_major, lead), dtype)
+    _check_all(*inputs(seed, n, c, h, w, f, dtype, channel_major, lead), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -98,7 +75,7 @@ def test_kernels_match_float64_oracle(n, c, h, w, f, lead, dtype, channel_major,
     (4, 16, 32, 32, 16),  # the hot case: ResNet's first stage
 ])
 def test_blocks_and_chunks(monkeypatch, shape, dtype):
-    x, w, g, gs = _inputs(0, *shape, dtype, True, (2,))
+    x, w, g, gs = inputs(0, *shape, dtype, True, (2,))
     _check_all(x, w, g, gs, dtype)
     monkeypatch.setattr(fc, "BLOCK", 1)  # one image per job
     monkeypatch.setattr(fc, "CHUNK", 64)  # many small chunks
@@ -107,7 +84,7 @@ def test_blocks_and_chunks(monkeypatch, shape, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_results_do_not_depend_on_the_thread_count(dtype):
-    args = _inputs(1, 9, 4, 12, 12, 8, dtype, True, (2,))
+    args = inputs(1, 9, 4, 12, 12, 8, dtype, True, (2,))
     threads = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
@@ -119,10 +96,10 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
 
 
 def test_saved_shifted_images_give_the_same_filter_gradient():
-    x, w, g, _ = _inputs(2, 3, 4, 6, 5, 3, np.float32, False)
+    x, w, g, _ = inputs(2, 3, 4, 6, 5, 3, np.float32, False)
     _, xs = fc.conv3x3(x, w)
     np.testing.assert_array_equal(fc.conv3x3_weight_grad(x, g, xs), fc.conv3x3_weight_grad(x, g))
-    np.testing.assert_array_equal(xs, fc.shifted_images(_channel_major(x)))
+    np.testing.assert_array_equal(xs, fc.shifted_images(channel_major(x)))
 
 
 @pytest.mark.parametrize("where", [(0, 0), (0, 5), (3, 0), (3, 5), (1, 2)])
@@ -130,7 +107,7 @@ def test_non_finite_inputs_reach_only_their_neighbours(where):
     """A NaN (inf) pixel spoils exactly the outputs whose 3x3 window holds it: no shift wraps a
     border pixel into the next row or image. (The oracle is no help here: its dense-matrix path
     multiplies every pixel by zeros.)"""
-    x, w, g, _ = _inputs(3, 2, 2, 4, 6, 3, np.float64, True)
+    x, w, g, _ = inputs(3, 2, 2, 4, 6, 3, np.float64, True)
     x[1, 0][where] = np.nan
     g[0, 1][where] = np.inf
     window = np.zeros((4, 6), bool)
@@ -161,7 +138,7 @@ def test_kernels_stay_in_bounds(monkeypatch):
     """The kernels' Python originals, run by the interpreter (which checks every index, unlike
     the compiled parallel loops), give the compiled results: no read or write past an array,
     even for a last job or chunk that starts mid-block."""
-    x, w, g, gs = _inputs(4, 4, 2, 3, 4, 5, np.float64, True, (2,))  # a grid of 64 points
+    x, w, g, gs = inputs(4, 4, 2, 3, 4, 5, np.float64, True, (2,))  # a grid of 64 points
     want = _fast(x, w, g, gs)
     for name in ("_fill_shifted", "_fill_grid", "_conv_grid", "_weight_grad_grid"):
         monkeypatch.setattr(fc, name, getattr(fc, name).py_func)
